@@ -1,0 +1,87 @@
+//! Command line: `serve` (the default), `classify`, `eval`, `bench`. Every flag also reads a
+//! `FASTERNET_*` environment variable.
+
+mod bench;
+mod classify;
+mod eval;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use fasternet_serve::classifier::{LoadOptions, BUNDLED_WEIGHTS};
+use fasternet_serve::model::Variant;
+use fasternet_serve::preprocess::DEFAULT_MAX_PIXELS;
+
+#[derive(Parser)]
+#[command(name = "fasternet-serve", version, about = "FasterNet image classification: an HTTP service and its tools")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify image files and print the top-k labels.
+    Classify(classify::ClassifyArgs),
+    /// Top-1/top-5 accuracy on an ImageFolder directory (one sub-folder per class).
+    Eval(eval::EvalArgs),
+    /// Model-only throughput on random weights (no checkpoint needed).
+    Bench(bench::BenchArgs),
+}
+
+/// Which model to load: shared by every command that needs a checkpoint.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint: a .safetensors or .pth file, or a hub-style directory
+    /// (model.safetensors + config.json). Defaults to the bundled model.
+    #[arg(long, env = "FASTERNET_WEIGHTS", default_value = BUNDLED_WEIGHTS)]
+    pub weights: PathBuf,
+    /// Variant (t0, t1, t2, s, m, l); inferred from the checkpoint when omitted.
+    #[arg(long, env = "FASTERNET_VARIANT")]
+    pub variant: Option<Variant>,
+    /// Resize to input_size / crop_pct before the center crop; overrides config.json
+    /// (default without one: 0.9, the official ImageNet evaluation).
+    #[arg(long, env = "FASTERNET_CROP_PCT")]
+    pub crop_pct: Option<f64>,
+    /// Reject images whose header declares more pixels than this.
+    #[arg(long, env = "FASTERNET_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Compute threads (default: the CPUs this process may use, cgroup quota included).
+    #[arg(long, env = "FASTERNET_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            weights: self.weights.clone(),
+            variant: self.variant,
+            crop_pct: self.crop_pct,
+            max_pixels: self.max_pixels,
+        }
+    }
+}
+
+/// Parses the command line and runs the command; returns the process exit code.
+pub fn main_with_args(args: Vec<OsString>) -> anyhow::Result<i32> {
+    let cli = Cli::parse_from(args);
+    match cli.command {
+        Command::Classify(args) => classify::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// Sizes the compute pools once, before anything uses them. candle's matmuls read
+/// RAYON_NUM_THREADS on every call, so the variable and rayon's global pool must agree.
+pub fn init_threads(threads: Option<usize>) -> usize {
+    let n = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    n
+}

@@ -1,0 +1,180 @@
+//! FasterNet ("Run, Don't Walk", CVPR 2023) in candle: configuration, checkpoint loading and
+//! the forward pass. Knows nothing of images or HTTP.
+
+pub mod checkpoint;
+pub mod config;
+pub mod hub_config;
+mod reference;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+pub use checkpoint::{Checkpoint, Naming};
+pub use config::{Activation, FasterNetConfig, Variant};
+pub use hub_config::HubConfig;
+pub use weights::FasterNetWeights;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("checkpoint does not fit {architecture}: {}", describe_mismatch(.missing, .unexpected, .mismatched))]
+    Mismatch {
+        architecture: String,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        /// (key, expected shape, checkpoint shape)
+        mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    },
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn checkpoint(path: &Path, reason: impl ToString) -> Self {
+        Self::Checkpoint { path: path.to_path_buf(), reason: reason.to_string() }
+    }
+}
+
+fn describe_mismatch(
+    missing: &[String],
+    unexpected: &[String],
+    mismatched: &[(String, Vec<usize>, Vec<usize>)],
+) -> String {
+    const SHOWN: usize = 6;
+    fn list(out: &mut String, what: &str, items: Vec<String>) {
+        if items.is_empty() {
+            return;
+        }
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        let more = items.len().saturating_sub(SHOWN);
+        let _ = write!(out, "{} {what}: {}", items.len(), items.into_iter().take(SHOWN).collect::<Vec<_>>().join(", "));
+        if more > 0 {
+            let _ = write!(out, ", and {more} more");
+        }
+    }
+    let mut out = String::new();
+    list(
+        &mut out,
+        "with another shape",
+        mismatched.iter().map(|(k, want, got)| format!("{k} (expected {want:?}, checkpoint has {got:?})")).collect(),
+    );
+    list(&mut out, "missing", missing.to_vec());
+    list(&mut out, "unexpected", unexpected.to_vec());
+    out
+}
+
+/// What a forward pass returns for a batch.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// (batch, num_classes)
+    pub logits: Tensor,
+    /// The pre-logits features after conv_head and the activation: (batch, feature_dim).
+    pub features: Tensor,
+}
+
+impl ModelOutput {
+    pub fn probabilities(&self) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&self.logits)
+    }
+}
+
+/// A FasterNet ready for inference.
+pub struct FasterNet {
+    weights: FasterNetWeights,
+}
+
+impl FasterNet {
+    pub fn new(weights: FasterNetWeights) -> Self {
+        Self { weights }
+    }
+
+    /// Loads a checkpoint; `config` overrides what the tensor shapes say, and must agree with them.
+    pub fn from_checkpoint(checkpoint: Checkpoint, config: Option<FasterNetConfig>) -> Result<Self, ModelError> {
+        let config = match config {
+            Some(c) => c,
+            None => infer_config(&checkpoint.tensors, checkpoint.hub_config.as_ref())?,
+        };
+        config.validate().map_err(ModelError::Config)?;
+        Ok(Self::new(FasterNetWeights::from_tensors(&config, checkpoint.tensors)?))
+    }
+
+    pub fn config(&self) -> &FasterNetConfig {
+        &self.weights.config
+    }
+
+    pub fn weights(&self) -> &FasterNetWeights {
+        &self.weights
+    }
+
+    /// `x`: (batch, 3, H, W) f32 with H, W >= 32, normalised as the checkpoint expects.
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
+        let dims = x.dims();
+        let min = FasterNetConfig::MIN_INPUT_SIDE;
+        if dims.len() != 4 || dims[1] != 3 || dims[0] == 0 || dims[2] < min || dims[3] < min {
+            return Err(ModelError::Input(format!(
+                "expected a (batch >= 1, 3, H >= {min}, W >= {min}) tensor, got {dims:?}"
+            )));
+        }
+        let x = x.to_dtype(candle_core::DType::F32)?;
+        Ok(reference::forward(&self.weights, &x)?)
+    }
+}
+
+/// Reads the architecture off the tensor shapes. The activation is not visible in shapes: it
+/// comes from config.json's architecture or model_args, else from the preset with the same
+/// shapes, else ReLU (timm's default).
+pub fn infer_config(tensors: &HashMap<String, Tensor>, hub: Option<&HubConfig>) -> Result<FasterNetConfig, ModelError> {
+    let dim = |key: &str, i: usize| -> Result<usize, ModelError> {
+        tensors
+            .get(key)
+            .and_then(|t| t.dims().get(i).copied())
+            .ok_or_else(|| ModelError::Config(format!("not a FasterNet checkpoint: no tensor `{key}`")))
+    };
+    let embed_dim = dim("patch_embed.proj.weight", 0)?;
+    let mut depths = [0usize; 4];
+    for (i, d) in depths.iter_mut().enumerate() {
+        while tensors.contains_key(&format!("stages.{i}.blocks.{}.mlp.0.weight", *d)) {
+            *d += 1;
+        }
+    }
+    let hidden = dim("stages.0.blocks.0.mlp.0.weight", 0)?;
+    // dim / n_div is floored, so one stage can fit several n_div: take the one that fits all
+    // stages, preferring the paper's 4.
+    let partials = (0..4)
+        .map(|i| dim(&format!("stages.{i}.blocks.0.spatial_mixing.partial_conv3.weight"), 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n_div = std::iter::once(FasterNetConfig::N_DIV)
+        .chain(1..=embed_dim)
+        .find(|&n| partials.iter().enumerate().all(|(i, &p)| (embed_dim << i) / n == p))
+        .ok_or_else(|| ModelError::Config(format!("partial convolution widths {partials:?} fit no n_div")))?;
+    let mut config = FasterNetConfig {
+        embed_dim,
+        depths,
+        mlp_ratio: hidden as f64 / embed_dim as f64,
+        n_div,
+        feature_dim: dim("conv_head.weight", 0)?,
+        num_classes: dim("classifier.weight", 0)?,
+        act: Activation::Relu,
+    };
+    let named_variant = hub.and_then(|h| h.architecture.as_deref()).and_then(|a| a.parse::<Variant>().ok());
+    let named_act = hub.and_then(|h| h.model_args.act_layer.as_deref()).and_then(|a| a.parse::<Activation>().ok());
+    let shape_twin = Variant::ALL.into_iter().find(|&v| {
+        let p = FasterNetConfig::preset(v, config.num_classes);
+        FasterNetConfig { act: p.act, ..config.clone() } == p
+    });
+    if let Some(act) = named_act.or(named_variant.or(shape_twin).map(|v| FasterNetConfig::preset(v, 1).act)) {
+        config.act = act;
+    }
+    Ok(config)
+}

@@ -1,0 +1,135 @@
+//! Image decoding and timm's eval preprocessing.
+
+mod decode;
+pub mod transform;
+
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+pub use decode::{decode, ImageError, DEFAULT_MAX_PIXELS};
+
+use crate::model::HubConfig;
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The official FasterNet evaluation crop (timm's `test_crop_pct`): 224 px from a 248 px resize.
+pub const IMAGENET_EVAL_CROP_PCT: f64 = 0.9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Bicubic,
+    Bilinear,
+}
+
+impl FromStr for Interpolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bicubic" => Ok(Self::Bicubic),
+            "bilinear" => Ok(Self::Bilinear),
+            other => Err(format!("unsupported interpolation `{other}` (expected bicubic or bilinear)")),
+        }
+    }
+}
+
+/// What timm's pretrained_cfg says about eval preprocessing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PreprocessConfig {
+    /// (height, width) of the network input.
+    pub input_size: (usize, usize),
+    pub crop_pct: f64,
+    pub interpolation: Interpolation,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl PreprocessConfig {
+    /// Defaults for ImageNet checkpoints that come without a config.json (the official
+    /// releases): 224x224, crop_pct 0.9 (the paper's evaluation), bicubic, ImageNet mean/std.
+    pub fn imagenet() -> Self {
+        Self {
+            input_size: (224, 224),
+            crop_pct: IMAGENET_EVAL_CROP_PCT,
+            interpolation: Interpolation::Bicubic,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// The ImageNet defaults overridden by whatever a hub config.json's pretrained_cfg sets.
+    pub fn from_hub(hub: &HubConfig) -> Result<Self, String> {
+        let cfg = &hub.pretrained_cfg;
+        let mut out = Self::imagenet();
+        if let Some(size) = &cfg.input_size {
+            match size.as_slice() {
+                [3, h, w] | [h, w] => out.input_size = (*h, *w),
+                other => return Err(format!("pretrained_cfg.input_size {other:?} is not [3, H, W]")),
+            }
+        }
+        let three = |v: &Option<Vec<f32>>, name: &str| -> Result<Option<[f32; 3]>, String> {
+            v.as_ref()
+                .map(|v| <[f32; 3]>::try_from(v.as_slice()).map_err(|_| format!("pretrained_cfg.{name} needs 3 values")))
+                .transpose()
+        };
+        out.mean = three(&cfg.mean, "mean")?.unwrap_or(out.mean);
+        out.std = three(&cfg.std, "std")?.unwrap_or(out.std);
+        out.crop_pct = cfg.crop_pct.unwrap_or(out.crop_pct);
+        if let Some(i) = &cfg.interpolation {
+            out.interpolation = i.parse()?;
+        }
+        out.validate()?;
+        Ok(out)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let min = crate::model::FasterNetConfig::MIN_INPUT_SIDE;
+        if self.input_size.0 < min || self.input_size.1 < min {
+            return Err(format!("input size {:?} is below {min}x{min}", self.input_size));
+        }
+        if !(self.crop_pct > 0.0 && self.crop_pct <= 2.0) {
+            return Err(format!("crop_pct {} must be in (0, 2]", self.crop_pct));
+        }
+        if self.std.iter().any(|&s| s <= 0.0) {
+            return Err("std values must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and transforms images into network inputs.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    pub config: PreprocessConfig,
+    pub max_pixels: u64,
+}
+
+impl Preprocessor {
+    pub fn new(config: PreprocessConfig, max_pixels: u64) -> Self {
+        Self { config, max_pixels }
+    }
+
+    /// Resize and center crop: the 8-bit image timm's transform holds just before ToTensor.
+    pub fn resize_and_crop(&self, image: &RgbImage) -> RgbImage {
+        let (w, h) = transform::resize_target(&self.config, image.width(), image.height());
+        let resized = transform::resize(image, w, h, self.config.interpolation);
+        let (ch, cw) = self.config.input_size;
+        transform::center_crop(&resized, cw as u32, ch as u32)
+    }
+
+    /// A decoded image to a normalised (3, H, W) tensor.
+    pub fn transform(&self, image: &RgbImage) -> Tensor {
+        let cropped = self.resize_and_crop(image);
+        let (h, w) = self.config.input_size;
+        let data = transform::normalize_chw(&cropped, self.config.mean, self.config.std);
+        Tensor::from_vec(data, (3, h, w), &Device::Cpu).expect("buffer length is 3*H*W")
+    }
+
+    /// Encoded bytes to a normalised (3, H, W) tensor.
+    pub fn load(&self, bytes: &[u8]) -> Result<Tensor, ImageError> {
+        Ok(self.transform(&decode(bytes, self.max_pixels)?))
+    }
+}
