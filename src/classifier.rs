@@ -12,7 +12,7 @@ use crate::preprocess::{ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_
 /// Where the bundled model lives, relative to the working directory.
 pub const BUNDLED_WEIGHTS: &str = "weights";
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Prediction {
     pub label: String,
     pub class_index: usize,

@@ -4,10 +4,12 @@
 //! - [`preprocess`]: image decoding and timm's eval transform.
 //! - [`labels`]: class names.
 //! - [`classifier`]: the three together, the API the CLI and the server call.
+//! - [`server`]: the HTTP service (axum) with its batching queue and inference worker.
 
 pub mod classifier;
 pub mod labels;
 pub mod model;
 pub mod preprocess;
+pub mod server;
 
 pub use classifier::{Classifier, Prediction};

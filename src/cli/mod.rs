@@ -4,6 +4,8 @@
 mod bench;
 mod classify;
 mod eval;
+mod healthcheck;
+mod serve;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -23,12 +25,16 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (the default when no command is given).
+    Serve(serve::ServeArgs),
     /// Classify image files and print the top-k labels.
     Classify(classify::ClassifyArgs),
     /// Top-1/top-5 accuracy on an ImageFolder directory (one sub-folder per class).
     Eval(eval::EvalArgs),
     /// Model-only throughput on random weights (no checkpoint needed).
     Bench(bench::BenchArgs),
+    /// Exit 0 when the server's readiness URL answers 200 (for container health checks).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Which model to load: shared by every command that needs a checkpoint.
@@ -64,13 +70,34 @@ impl ModelArgs {
     }
 }
 
-/// Parses the command line and runs the command; returns the process exit code.
-pub fn main_with_args(args: Vec<OsString>) -> anyhow::Result<i32> {
+/// Parses the command line and runs the command; returns the process exit code. Without a
+/// command (only flags, or nothing) the server runs.
+pub fn main_with_args(mut args: Vec<OsString>) -> anyhow::Result<i32> {
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    if args.len() == 1 || (first.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&first)) {
+        args.insert(1, "serve".into());
+    }
     let cli = Cli::parse_from(args);
+    let json_logs = matches!(&cli.command, Command::Serve(s) if s.log_format == "json");
+    init_logging(json_logs);
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Healthcheck(args) => healthcheck::run(args),
+    }
+}
+
+/// Logs go to stderr; RUST_LOG filters them (default `info`).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 

@@ -1,0 +1,286 @@
+//! Dynamic batching: a bounded queue of images feeding one inference worker on its own OS
+//! thread. The worker takes up to `max_batch_size` images, waiting at most `max_batch_delay`
+//! after the first, runs one forward pass and answers every image through its oneshot channel.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+use super::metrics::Metrics;
+use crate::Classifier;
+
+/// The worker's view of a model: a batch of prepared images in, one row per image out.
+pub trait Backend: Send + Sync + 'static {
+    fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String>;
+    /// The (3, H, W) shape the model takes, for warm-up batches.
+    fn input_shape(&self) -> (usize, usize, usize);
+}
+
+pub struct BatchOutput {
+    pub probabilities: Vec<Vec<f32>>,
+    pub features: Vec<Vec<f32>>,
+}
+
+impl Backend for Classifier {
+    fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
+        let run = || -> Result<BatchOutput, crate::model::ModelError> {
+            let out = self.forward(images)?;
+            Ok(BatchOutput { probabilities: out.probabilities()?.to_vec2()?, features: out.features.to_vec2()? })
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    fn input_shape(&self) -> (usize, usize, usize) {
+        let (h, w) = self.preprocessor().config.input_size;
+        (3, h, w)
+    }
+}
+
+/// One image's result.
+pub struct Answer {
+    pub probabilities: Vec<f32>,
+    pub features: Vec<f32>,
+    pub queue_wait: Duration,
+    pub inference: Duration,
+}
+
+pub struct Job {
+    pub image: Tensor,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    /// Images that may wait in the queue.
+    pub queue_capacity: usize,
+}
+
+/// The queue's sending side; cheap to clone. The worker stops once every clone is dropped
+/// and the queue is empty.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+}
+
+/// Slots reserved in the queue for one request's images.
+pub type Reservation<'a> = mpsc::PermitIterator<'a, Job>;
+
+impl Batcher {
+    /// Starts the worker thread. It warms the model up (one pass at each power-of-two batch
+    /// size up to the maximum) before taking jobs, then sets `ready`.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+        ready: Arc<AtomicBool>,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let worker = std::thread::Builder::new().name("inference".into()).spawn(move || {
+            warm_up(backend.as_ref(), config.max_batch_size);
+            ready.store(true, Ordering::SeqCst);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a current-thread runtime always builds");
+            runtime.block_on(run_worker(rx, backend, config, metrics));
+        })?;
+        Ok((Self { tx, capacity: config.queue_capacity }, worker))
+    }
+
+    /// Reserves `n` queue slots at once or none: a full queue rejects before any decoding.
+    pub fn try_reserve(&self, n: usize) -> Option<Reservation<'_>> {
+        self.tx.try_reserve_many(n).ok()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Images reserved or waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+}
+
+fn warm_up(backend: &dyn Backend, max_batch_size: usize) {
+    let (c, h, w) = backend.input_shape();
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2)).take_while(|&b| b < max_batch_size).collect();
+    sizes.push(max_batch_size);
+    for batch in sizes {
+        let start = Instant::now();
+        let Ok(image) = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu) else { continue };
+        match catch_unwind(AssertUnwindSafe(|| backend.infer(&vec![image; batch]))) {
+            Ok(Ok(_)) => tracing::info!(batch, ms = start.elapsed().as_millis() as u64, "warm-up pass"),
+            Ok(Err(e)) => tracing::error!(batch, error = %e, "warm-up pass failed"),
+            Err(_) => tracing::error!(batch, "warm-up pass panicked"),
+        }
+    }
+}
+
+async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + config.max_batch_delay;
+        // timeout_at polls the channel before looking at the clock, so with a zero delay
+        // this still takes whatever is already queued.
+        while batch.len() < config.max_batch_size {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let before = batch.len();
+        batch.retain(|job| !job.reply.is_closed());
+        metrics.cancelled_images.inc_by((before - batch.len()) as u64);
+        if !batch.is_empty() {
+            run_batch(backend.as_ref(), batch, &metrics);
+        }
+    }
+    tracing::info!("inference worker stopped: queue closed and empty");
+}
+
+fn run_batch(backend: &dyn Backend, batch: Vec<Job>, metrics: &Metrics) {
+    let started = Instant::now();
+    let images: Vec<Tensor> = batch.iter().map(|job| job.image.clone()).collect();
+    let result = catch_unwind(AssertUnwindSafe(|| backend.infer(&images)))
+        .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
+    let inference = started.elapsed();
+    metrics.batch_size.observe(batch.len() as f64);
+    metrics.inference_duration.observe(inference.as_secs_f64());
+    match result {
+        Ok(out) if out.probabilities.len() == batch.len() && out.features.len() == batch.len() => {
+            for ((job, probabilities), features) in batch.into_iter().zip(out.probabilities).zip(out.features) {
+                let queue_wait = started.saturating_duration_since(job.enqueued);
+                metrics.queue_wait.observe(queue_wait.as_secs_f64());
+                let _ = job.reply.send(Ok(Answer { probabilities, features, queue_wait, inference }));
+            }
+        }
+        other => {
+            let message = match other {
+                Err(e) => e,
+                Ok(_) => "the model returned the wrong number of rows".to_string(),
+            };
+            metrics.worker_failures.inc();
+            tracing::error!(batch = batch.len(), error = %message, "forward pass failed");
+            for job in batch {
+                let _ = job.reply.send(Err(message.clone()));
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Echoes each image's first value; panics on a batch holding the value 13.
+    struct Fake {
+        calls: AtomicUsize,
+    }
+
+    impl Backend for Fake {
+        fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let firsts: Vec<f32> = images.iter().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]).collect();
+            if firsts.contains(&13.0) {
+                panic!("unlucky batch");
+            }
+            Ok(BatchOutput { probabilities: firsts.iter().map(|&v| vec![v]).collect(), features: firsts.iter().map(|&v| vec![v, v]).collect() })
+        }
+        fn input_shape(&self) -> (usize, usize, usize) {
+            (1, 1, 1)
+        }
+    }
+
+    fn start(max_batch_size: usize, delay_ms: u64) -> (Batcher, JoinHandle<()>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new(max_batch_size));
+        let config = BatchConfig { max_batch_size, max_batch_delay: Duration::from_millis(delay_ms), queue_capacity: 64 };
+        let ready = Arc::new(AtomicBool::new(false));
+        let (b, h) = Batcher::start(Arc::new(Fake { calls: AtomicUsize::new(0) }), config, metrics.clone(), ready.clone()).unwrap();
+        while !ready.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (b, h, metrics)
+    }
+
+    fn submit(b: &Batcher, values: &[f32]) -> Vec<oneshot::Receiver<Result<Answer, String>>> {
+        let reservation = b.try_reserve(values.len()).expect("room in the queue");
+        values
+            .iter()
+            .zip(reservation)
+            .map(|(&v, permit)| {
+                let (tx, rx) = oneshot::channel();
+                permit.send(Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), enqueued: Instant::now(), reply: tx });
+                rx
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn batches_answer_each_image_in_order_and_split_above_the_maximum() {
+        let (b, worker, metrics) = start(4, 50);
+        let values: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        let receivers = submit(&b, &values);
+        for (v, rx) in values.iter().zip(receivers) {
+            let answer = rx.await.unwrap().unwrap();
+            assert_eq!(answer.probabilities, vec![*v]);
+            assert_eq!(answer.features, vec![*v, *v]);
+        }
+        // 10 images with a maximum of 4: three forward passes (4 + 4 + 2).
+        assert_eq!(metrics.batch_size.get_sample_count(), 3);
+        assert_eq!(metrics.batch_size.get_sample_sum(), 10.0);
+        drop(b);
+        worker.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_fails_only_its_images_and_the_worker_carries_on() {
+        let (b, worker, metrics) = start(8, 20);
+        let bad = submit(&b, &[1.0, 13.0]);
+        for rx in bad {
+            assert!(rx.await.unwrap().unwrap_err().contains("unlucky batch"));
+        }
+        let good = submit(&b, &[2.0]);
+        assert_eq!(good.into_iter().next().unwrap().await.unwrap().unwrap().probabilities, vec![2.0]);
+        assert_eq!(metrics.worker_failures.get(), 1);
+        drop(b);
+        worker.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn images_whose_caller_left_are_not_computed_and_a_full_queue_rejects() {
+        let (b, worker, metrics) = start(8, 200);
+        let mut receivers = submit(&b, &[1.0, 2.0, 3.0]);
+        receivers.remove(1); // the caller of the second image hangs up while it is queued
+        for rx in receivers {
+            assert!(rx.await.unwrap().is_ok());
+        }
+        assert_eq!(metrics.cancelled_images.get(), 1);
+        assert_eq!(metrics.batch_size.get_sample_sum(), 2.0);
+        let held = b.try_reserve(64).expect("the queue is empty again");
+        assert!(b.try_reserve(1).is_none(), "a full queue must refuse");
+        assert_eq!(b.depth(), 64);
+        drop(held);
+        assert_eq!(b.depth(), 0);
+        drop(b);
+        worker.join().unwrap();
+    }
+}

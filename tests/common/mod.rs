@@ -1,0 +1,108 @@
+//! A real `fasternet-serve` process on an ephemeral loopback port, for HTTP tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub logs: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts the bundled model with extra flags and waits until /readyz answers 200.
+    pub async fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "2", "--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let line = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a `listening` log line");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "listening" {
+                break v["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        };
+        let server = Server { child, base: format!("http://{addr}"), logs };
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(server.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("server never became ready");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/inputs").join(name)).unwrap()
+}
+
+/// A 28x28 greyscale PNG like the bundled model's training data.
+pub fn small_png(seed: u8) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) as u8).wrapping_mul(seed | 1)]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+/// Runs a command-line tool if it exists; None when it is not installed.
+pub fn tool_output(program: &str, args: &[&str]) -> Option<std::process::Output> {
+    Command::new(program).args(args).output().ok()
+}
+
+/// In CI a missing tool fails the test; on a developer machine it skips the check.
+pub fn require_tool(program: &str, install: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {program}")]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI must install {program} ({install})");
+        eprintln!("skipped: {program} not installed ({install})");
+    }
+    found
+}
