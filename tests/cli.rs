@@ -1,0 +1,115 @@
+//! The command line: classify's output and errors, bench's output line.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn classify_json_prints_one_object_per_image_and_reports_bad_files_without_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\n not really").unwrap();
+    let text_file = dir.path().join("notes.txt");
+    std::fs::write(&text_file, b"hello").unwrap();
+    let inputs = Path::new("tests/fixtures/preprocess/inputs");
+    let out = run(&[
+        "classify", "--json", "--top-k", "3", "--max-pixels", "250000",
+        inputs.join("chelsea.png").to_str().unwrap(),
+        "missing.png",
+        corrupt.to_str().unwrap(),
+        text_file.to_str().unwrap(),
+        inputs.join("astronaut.jpg").to_str().unwrap(), // 512x512 = 262,144 pixels, over the limit
+        inputs.join("coffee.jpg").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "bad inputs make the exit code non-zero");
+    let stdout = text(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "the good images are still classified: {stdout}");
+    assert!(lines[0]["file"].as_str().unwrap().ends_with("chelsea.png"));
+    assert!(lines[1]["file"].as_str().unwrap().ends_with("coffee.jpg"));
+    let preds = lines[0]["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 3);
+    let s: Vec<f64> = preds.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    assert!(s[0] >= s[1] && s[1] >= s[2] && s[0] <= 1.0);
+    assert!(preds[0]["label"].is_string() && preds[0]["class_index"].is_u64());
+    let stderr = text(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 4, "{stderr}");
+    assert!(errors[0].contains("missing.png") && errors[0].contains("No such file"), "{}", errors[0]);
+    assert!(errors[1].contains("corrupt.png") && errors[1].contains("corrupt or truncated"), "{}", errors[1]);
+    assert!(errors[2].contains("notes.txt") && errors[2].contains("unsupported image format"), "{}", errors[2]);
+    assert!(errors[3].contains("astronaut.jpg") && errors[3].contains("over the limit"), "{}", errors[3]);
+}
+
+#[test]
+fn classify_with_a_checkpoint_of_another_architecture_fails_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet.safetensors");
+    let t = candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("conv1.weight".to_string(), t)]), &path).unwrap();
+    let out = run(&["classify", "--weights", path.to_str().unwrap(), "tests/fixtures/preprocess/inputs/chelsea.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("error: cannot load model from"), "{stderr}");
+    assert!(stderr.contains("resnet.safetensors") && stderr.contains("not a FasterNet checkpoint"), "{stderr}");
+    let out = run(&["classify", "--variant", "t1", "tests/fixtures/preprocess/inputs/chelsea.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("expected [64, 3, 4, 4], checkpoint has [40, 3, 4, 4]"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn classify_reads_official_pth_checkpoints() {
+    let out = run(&[
+        "classify", "--top-k", "1",
+        "--weights", "tests/fixtures/model/tiny_relu.official_model.pth",
+        "tests/fixtures/preprocess/inputs/chelsea.png",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("class_"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn bench_prints_one_line_per_batch_size() {
+    let out = run(&["bench", "--variant", "t0", "--size", "64x96", "--batch", "1,2", "--threads", "1", "--seconds", "0.2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (line, batch) in lines.iter().zip([1, 2]) {
+        let prefix = format!("t0 64x96 batch {batch}: ");
+        let rest = line.strip_prefix(&prefix).unwrap_or_else(|| panic!("{line}"));
+        let (rate, ms) = rest.split_once(" img/s (").unwrap();
+        assert!(rate.parse::<f64>().unwrap() > 0.0);
+        assert!(ms.strip_suffix(" ms/batch)").unwrap().parse::<f64>().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn every_flag_reads_its_environment_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["classify", "--json", "tests/fixtures/preprocess/inputs/chelsea.png"])
+        .env("FASTERNET_TOP_K", "2")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(v["predictions"].as_array().unwrap().len(), 2);
+    let help = text(&run(&["serve", "--help"]).stdout);
+    for flag in ["--weights", "--host", "--port", "--max-batch-size", "--max-batch-delay-ms", "--queue-capacity", "--request-timeout-ms",
+        "--body-limit", "--max-images-per-request", "--max-pixels", "--default-top-k", "--threads", "--log-format", "--shutdown-grace-seconds"] {
+        let env = format!("FASTERNET_{}", flag.trim_start_matches("--").replace('-', "_").to_uppercase());
+        assert!(help.contains(flag) && help.contains(&format!("[env: {env}")), "{flag} / {env} missing from serve --help");
+    }
+}
