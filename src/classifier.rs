@@ -30,11 +30,14 @@ pub struct LoadOptions {
     /// Overrides config.json's crop_pct (or the ImageNet default of 0.9).
     pub crop_pct: Option<f64>,
     pub max_pixels: u64,
+    /// Benchmarking: ignore `weights` and use random weights of this variant (1000 classes,
+    /// ImageNet preprocessing).
+    pub random_init: Option<Variant>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS }
+        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None }
     }
 }
 
@@ -48,6 +51,16 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn load(options: &LoadOptions) -> Result<Self, ModelError> {
+        if let Some(variant) = options.random_init {
+            let config = crate::model::FasterNetConfig::preset(variant, 1000);
+            let model = FasterNet::new(crate::model::FasterNetWeights::random(&config, 0)?);
+            let mut preprocess = PreprocessConfig::imagenet();
+            preprocess.crop_pct = options.crop_pct.unwrap_or(preprocess.crop_pct);
+            preprocess.validate().map_err(ModelError::Config)?;
+            let labels = Labels::new(1000, None).map_err(ModelError::Config)?;
+            let name = format!("{}.random", config.architecture());
+            return Ok(Self::new(model, Preprocessor::new(preprocess, options.max_pixels), labels, name, PathBuf::from("(random weights)")));
+        }
         let checkpoint = Checkpoint::load(&options.weights)?;
         let source = checkpoint.path.clone();
         let hub = checkpoint.hub_config.clone().unwrap_or_default();

@@ -57,6 +57,9 @@ pub struct ModelArgs {
     /// Compute threads (default: the CPUs this process may use, cgroup quota included).
     #[arg(long, env = "FASTERNET_THREADS")]
     pub threads: Option<usize>,
+    /// For benchmarks: random weights of this variant (1000 classes) instead of a checkpoint.
+    #[arg(long, env = "FASTERNET_RANDOM_INIT", value_name = "VARIANT")]
+    pub random_init: Option<Variant>,
 }
 
 impl ModelArgs {
@@ -66,6 +69,7 @@ impl ModelArgs {
             variant: self.variant,
             crop_pct: self.crop_pct,
             max_pixels: self.max_pixels,
+            random_init: self.random_init,
         }
     }
 }
