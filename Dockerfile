@@ -15,6 +15,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # /deps receives Cargo.toml, Cargo.lock and, when vendor/ exists, the crates plus a cargo
 # config that points at them. The builder's `COPY --from=sources /deps/` is cached by
 # content: editing src/ does not invalidate the dependency build below.
+# The model files end up root-owned and world-readable (the service only reads them).
 FROM ${RUST_IMAGE} AS sources
 WORKDIR /src
 COPY . .
@@ -29,7 +30,6 @@ RUN set -eu; \
     else \
         echo "no vendor/: cargo downloads crates from crates.io"; \
     fi; \
-    # The model files are world-readable and owned by root in the image (the service only reads them).
     cp -r weights /weights; \
     chmod -R u=rwX,go=rX /weights
 

@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use crate::labels::Labels;
-use crate::model::{Checkpoint, FasterNet, ModelError, ModelOutput, Variant};
+use crate::model::{Checkpoint, Engine, FasterNet, ModelError, ModelOutput, Variant};
 use crate::preprocess::{ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS};
 
 /// Where the bundled model lives, relative to the working directory.
@@ -33,11 +33,12 @@ pub struct LoadOptions {
     /// Benchmarking: ignore `weights` and use random weights of this variant (1000 classes,
     /// ImageNet preprocessing).
     pub random_init: Option<Variant>,
+    pub engine: Engine,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None }
+        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None, engine: Engine::Fast }
     }
 }
 
@@ -53,7 +54,7 @@ impl Classifier {
     pub fn load(options: &LoadOptions) -> Result<Self, ModelError> {
         if let Some(variant) = options.random_init {
             let config = crate::model::FasterNetConfig::preset(variant, 1000);
-            let model = FasterNet::new(crate::model::FasterNetWeights::random(&config, 0)?);
+            let model = FasterNet::with_engine(crate::model::FasterNetWeights::random(&config, 0)?, options.engine)?;
             let mut preprocess = PreprocessConfig::imagenet();
             preprocess.crop_pct = options.crop_pct.unwrap_or(preprocess.crop_pct);
             preprocess.validate().map_err(ModelError::Config)?;
@@ -68,6 +69,7 @@ impl Classifier {
         let num_classes_hint = checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
         let config = options.variant.map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
         let model = FasterNet::from_checkpoint(checkpoint, config)?;
+        let model = if options.engine == model.engine() { model } else { FasterNet::with_engine(model.weights().clone(), options.engine)? };
         let mut preprocess = PreprocessConfig::from_hub(&hub).map_err(bad_config)?;
         if let Some(crop_pct) = options.crop_pct {
             preprocess.crop_pct = crop_pct;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use fasternet_serve::model::{
-    infer_config, Activation, Checkpoint, FasterNet, FasterNetConfig, ModelError, Naming, Variant,
+    infer_config, Activation, Checkpoint, Engine, FasterNet, FasterNetConfig, FasterNetWeights, ModelError, Naming, Variant,
 };
 
 fn fixtures() -> PathBuf {
@@ -56,8 +56,10 @@ fn check_case(dir: &Path, name: &str) -> f32 {
         // Everything but the activation is read off the shapes.
         let inferred = infer_config(&checkpoint.tensors, None).unwrap();
         assert_eq!(FasterNetConfig { act: config.act, ..inferred }, config, "{}", path.display());
-        let model = FasterNet::from_checkpoint(checkpoint, Some(config.clone())).unwrap();
-        for input in &inputs {
+        let fast = FasterNet::from_checkpoint(checkpoint, Some(config.clone())).unwrap();
+        assert_eq!(fast.engine(), Engine::Fast, "the fast engine is the default");
+        let reference = FasterNet::with_engine(fast.weights().clone(), Engine::Reference).unwrap();
+        for (model, input) in [&fast, &reference].into_iter().flat_map(|m| inputs.iter().map(move |i| (m, i))) {
             let suffix = input.strip_prefix("input").unwrap();
             let out = model.forward(&io[input]).unwrap();
             let logits = &io[&format!("logits{suffix}")];
@@ -65,8 +67,8 @@ fn check_case(dir: &Path, name: &str) -> f32 {
             let tol = 1e-4 * max_abs(logits).max(1.0);
             let (dl, df) = (max_abs_diff(&out.logits, logits), max_abs_diff(&out.features, features));
             let ftol = 1e-4 * max_abs(features).max(1.0);
-            eprintln!("{name} {input} {:?} from {}: max|dlogit| {dl:.2e} (tol {tol:.2e}), max|dfeature| {df:.2e}",
-                io[input].dims(), path.file_name().unwrap().to_string_lossy());
+            eprintln!("{name} {input} {:?} from {}, {} engine: max|dlogit| {dl:.2e} (tol {tol:.2e}), max|dfeature| {df:.2e}",
+                io[input].dims(), path.file_name().unwrap().to_string_lossy(), model.engine());
             assert!(dl <= tol, "{}: {input}: logits differ by {dl} > {tol}", path.display());
             assert!(df <= ftol, "{}: {input}: features differ by {df} > {ftol}", path.display());
             worst = worst.max(dl / max_abs(logits).max(1.0));
@@ -201,4 +203,25 @@ fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
     assert_eq!(c.labels().get(9), "Ankle boot");
     assert_eq!(c.preprocessor().config.input_size, (64, 64));
     assert_eq!(c.preprocessor().config.crop_pct, 1.0);
+}
+
+/// The fast engine against the candle-ops reference for every preset, on random weights with
+/// randomized BatchNorm statistics, odd sizes and several batch sizes.
+#[test]
+fn fast_engine_matches_the_reference_for_every_variant() {
+    for (i, variant) in Variant::ALL.into_iter().enumerate() {
+        let config = FasterNetConfig::preset(variant, 100);
+        let weights = FasterNetWeights::random(&config, i as u64).unwrap();
+        let reference = FasterNet::with_engine(weights.clone(), Engine::Reference).unwrap();
+        let fast = FasterNet::with_engine(weights, Engine::Fast).unwrap();
+        for (b, h, w) in [(1, 64, 64), (3, 37, 70)] {
+            let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
+            let (want, got) = (reference.forward(&x).unwrap(), fast.forward(&x).unwrap());
+            let tol = 1e-4 * max_abs(&want.logits).max(1.0);
+            let d = max_abs_diff(&want.logits, &got.logits);
+            assert!(d <= tol, "{variant} {b}x{h}x{w}: logits differ by {d} (tol {tol})");
+            let ftol = 1e-4 * max_abs(&want.features).max(1.0);
+            assert!(max_abs_diff(&want.features, &got.features) <= ftol, "{variant}: features differ");
+        }
+    }
 }

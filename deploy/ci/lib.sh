@@ -1,8 +1,9 @@
+# shellcheck shell=bash
 # Shared helpers for deploy/ci/*.sh (sourced, not executed).
 #
 #   step NAME        start a timed step (ends the previous one); timing_summary prints all of them
 #   on_exit CMD...   register a cleanup command; all run in reverse order on exit (also on errors
-#                    and on INT/TERM)
+#                    and on INT/TERM); $EXIT_RC holds the script's exit status meanwhile
 #   apt_install P... install missing Debian packages without starting their services
 #   free_port        print a free TCP port on 127.0.0.1
 #   wait_http URL STATUS TIMEOUT [PID]   poll URL until it answers STATUS (fails if PID dies)
@@ -55,8 +56,10 @@ timing_summary() {
 # ---- cleanup -----------------------------------------------------------------------------
 _CLEANUPS=()
 on_exit() { _CLEANUPS+=("$*"); }
+export EXIT_RC=0
 _run_cleanups() {
     local rc=$? i
+    export EXIT_RC=$rc    # for cleanups that only act on failure
     set +e
     trap - EXIT INT TERM
     for (( i=${#_CLEANUPS[@]}-1; i>=0; i-- )); do

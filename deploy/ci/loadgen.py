@@ -14,6 +14,7 @@ dataset-fashion-mnist) as 28x28 greyscale PNGs, whose true classes also give a t
 
     python3 deploy/ci/loadgen.py --url http://127.0.0.1:8080 --fashion-mnist 50 \
         --requests 400 --concurrency 8 --max-seconds 120 --report /tmp/report.json
+    python3 deploy/ci/loadgen.py --url unused --fashion-mnist 3 --save /tmp/fm   # just the PNGs
 
 Exit status: 0 when failures <= --max-failures, every request was sent before the time cap and
 the accuracy is at least --min-accuracy; 1 otherwise; 2 on bad arguments.
@@ -199,6 +200,8 @@ def main():
     ap.add_argument("--report", help="write the summary as JSON here")
     ap.add_argument("--label", default="load", help="name printed in the summary")
     ap.add_argument("--print-first", action="store_true", help="print the first valid response body")
+    ap.add_argument("--save", metavar="DIR", help="only write the images to DIR (as NAME, true class in "
+                    "DIR/classes.txt) and exit")
     args = ap.parse_args()
 
     images = []
@@ -210,6 +213,14 @@ def main():
             images.append((os.path.basename(path), CONTENT_TYPES.get(ext, "application/octet-stream"), f.read(), None))
     if not images:
         ap.error("no images: give --fashion-mnist N and/or --images FILE...")
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        with open(os.path.join(args.save, "classes.txt"), "w") as f:
+            for name, _, data, truth in images:
+                with open(os.path.join(args.save, name), "wb") as img:
+                    img.write(data)
+                f.write(f"{name} {'' if truth is None else truth}\n")
+        return 0
 
     load = Load(args, images)
     wall = load.run()

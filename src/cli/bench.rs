@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::Args;
 
-use fasternet_serve::model::{FasterNet, FasterNetConfig, FasterNetWeights, Variant};
+use fasternet_serve::model::{Engine, FasterNet, FasterNetConfig, FasterNetWeights, Variant};
 
 use super::init_threads;
 
@@ -26,14 +26,17 @@ pub struct BenchArgs {
     seconds: f64,
     #[arg(long, env = "FASTERNET_NUM_CLASSES", default_value_t = 1000)]
     num_classes: usize,
+    /// Forward-pass implementation: fast or reference.
+    #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
+    engine: Engine,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let threads = init_threads(args.threads);
     let (h, w) = parse_size(&args.size)?;
     let config = FasterNetConfig::preset(args.variant, args.num_classes);
-    let model = FasterNet::new(FasterNetWeights::random(&config, 0)?);
-    eprintln!("{} random weights, {threads} threads, {:.2} GMACs/image", config.architecture(), config.macs(h, w) as f64 / 1e9);
+    let model = FasterNet::with_engine(FasterNetWeights::random(&config, 0)?, args.engine)?;
+    eprintln!("{} random weights, {} engine, {threads} threads, {:.2} GMACs/image", config.architecture(), args.engine, config.macs(h, w) as f64 / 1e9);
     for &batch in &args.batch {
         if batch == 0 {
             bail!("batch sizes must be positive");

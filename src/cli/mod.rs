@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use fasternet_serve::classifier::{LoadOptions, BUNDLED_WEIGHTS};
-use fasternet_serve::model::Variant;
+use fasternet_serve::model::{Engine, Variant};
 use fasternet_serve::preprocess::DEFAULT_MAX_PIXELS;
 
 #[derive(Parser)]
@@ -60,6 +60,9 @@ pub struct ModelArgs {
     /// For benchmarks: random weights of this variant (1000 classes) instead of a checkpoint.
     #[arg(long, env = "FASTERNET_RANDOM_INIT", value_name = "VARIANT")]
     pub random_init: Option<Variant>,
+    /// Forward-pass implementation: fast (NHWC CPU kernels) or reference (stock candle ops).
+    #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
+    pub engine: Engine,
 }
 
 impl ModelArgs {
@@ -70,6 +73,7 @@ impl ModelArgs {
             crop_pct: self.crop_pct,
             max_pixels: self.max_pixels,
             random_init: self.random_init,
+            engine: self.engine,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod fast;
 pub mod hub_config;
 mod reference;
 pub mod weights;
@@ -89,14 +90,58 @@ impl ModelOutput {
     }
 }
 
+/// Which implementation runs the forward pass. Both consume the same folded weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// NHWC tiles, fused epilogues, buffer reuse (`fast` module).
+    #[default]
+    Fast,
+    /// Stock candle ops on NCHW tensors: the readable reference the fast path is tested against.
+    Reference,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fast" => Ok(Self::Fast),
+            "reference" => Ok(Self::Reference),
+            other => Err(format!("unknown engine `{other}` (expected fast or reference)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fast => "fast",
+            Self::Reference => "reference",
+        })
+    }
+}
+
 /// A FasterNet ready for inference.
 pub struct FasterNet {
     weights: FasterNetWeights,
+    fast: Option<fast::FastEngine>,
 }
 
 impl FasterNet {
+    /// With the default (fast) engine.
     pub fn new(weights: FasterNetWeights) -> Self {
-        Self { weights }
+        Self::with_engine(weights, Engine::default()).expect("the fast engine accepts any checked weights")
+    }
+
+    pub fn with_engine(weights: FasterNetWeights, engine: Engine) -> Result<Self, ModelError> {
+        let fast = match engine {
+            Engine::Fast => Some(fast::FastEngine::new(&weights)?),
+            Engine::Reference => None,
+        };
+        Ok(Self { weights, fast })
+    }
+
+    pub fn engine(&self) -> Engine {
+        if self.fast.is_some() { Engine::Fast } else { Engine::Reference }
     }
 
     /// Loads a checkpoint; `config` overrides what the tensor shapes say, and must agree with them.
@@ -127,7 +172,10 @@ impl FasterNet {
             )));
         }
         let x = x.to_dtype(candle_core::DType::F32)?;
-        Ok(reference::forward(&self.weights, &x)?)
+        match &self.fast {
+            Some(engine) => engine.forward(&x),
+            None => Ok(reference::forward(&self.weights, &x)?),
+        }
     }
 }
 

@@ -1,0 +1,188 @@
+//! The small loops around the GEMMs: patch gathering (im2col) for the strided and the 3x3
+//! convolutions, bias + activation epilogues, pooling. NHWC activations, rows = pixels.
+//!
+//! The element-wise loops are written plainly and compiled three times (AVX-512, AVX2+FMA,
+//! baseline) behind runtime feature detection, so one binary runs on any x86-64 and uses the
+//! widest vectors the CPU has; other architectures get the portable build.
+
+use crate::model::Activation;
+
+/// dst (m x n, row stride dst_rs) = [dst +] lhs (m x k, row stride lhs_rs) @ rhs (k x n, row-major).
+///
+/// # Safety
+/// The pointers must cover the described matrices; dst must not alias lhs or rhs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: *const f32, lhs_rs: usize, rhs: *const f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m, n, k,
+        dst, 1, dst_rs as isize,
+        accumulate,
+        lhs, 1, lhs_rs as isize,
+        rhs, 1, n as isize,
+        1.0, 1.0,
+        false, false, false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Exact-erf GELU to ~2e-7: Abramowitz & Stegun 7.1.26 for erf, a Cephes-style polynomial for
+/// exp. Branch-free so that it vectorises.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * exp_neg(a * a);
+    0.5 * x * (1.0 + erf_abs.copysign(z))
+}
+
+/// e^-y for y >= 0 (clamped where e^-y underflows anyway).
+#[inline(always)]
+fn exp_neg(y: f32) -> f32 {
+    let x = (-y).max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[inline(always)]
+fn bias_act_generic(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    for row in data.chunks_exact_mut(bias.len()) {
+        match act {
+            Some(Activation::Gelu) => row.iter_mut().zip(bias).for_each(|(v, b)| *v = gelu(*v + b)),
+            Some(Activation::Relu) => row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0)),
+            None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
+unsafe fn bias_act_avx512(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    bias_act_generic(data, bias, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_act_avx2(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    bias_act_generic(data, bias, act)
+}
+
+/// Adds `bias` to every row of `data` (rows of `bias.len()`), then applies `act`.
+pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("fma") {
+            return unsafe { bias_act_avx512(data, bias, act) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return unsafe { bias_act_avx2(data, bias, act) };
+        }
+    }
+    bias_act_generic(data, bias, act)
+}
+
+/// Where a tile of output rows sits: image `b`, pixel (`i`, `j`) of an `h` x `w` map.
+#[inline]
+pub fn pixel(row: usize, h: usize, w: usize) -> (usize, usize, usize) {
+    (row / (h * w), (row / w) % h, row % w)
+}
+
+/// 3x3, stride 1, zero padding 1 patches of the first `cp` channels of an NHWC map with `c`
+/// channels, for output rows `rows`; columns ordered (di, dj, channel).
+pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let k = 9 * cp;
+    for (r, out) in rows.zip(col.chunks_exact_mut(k)) {
+        let (b, i, j) = pixel(r, h, w);
+        for di in 0..3 {
+            let si = i as isize + di as isize - 1;
+            for dj in 0..3 {
+                let sj = j as isize + dj as isize - 1;
+                let dst = &mut out[(di * 3 + dj) * cp..(di * 3 + dj + 1) * cp];
+                if si < 0 || sj < 0 || si >= h as isize || sj >= w as isize {
+                    dst.fill(0.0);
+                } else {
+                    let src = ((b * h + si as usize) * w + sj as usize) * c;
+                    dst.copy_from_slice(&x[src..src + cp]);
+                }
+            }
+        }
+    }
+}
+
+/// Non-overlapping `p` x `p` patches (stride `p`) of an NHWC map (`h` x `w` x `c`) for output
+/// rows `rows` of the `h/p` x `w/p` result; columns ordered (di, dj, channel).
+pub fn im2col_patches_nhwc(x: &[f32], h: usize, w: usize, c: usize, p: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let (oh, ow) = (h / p, w / p);
+    for (r, out) in rows.zip(col.chunks_exact_mut(p * p * c)) {
+        let (b, i, j) = pixel(r, oh, ow);
+        for di in 0..p {
+            let src = ((b * h + i * p + di) * w + j * p) * c;
+            out[di * p * c..(di + 1) * p * c].copy_from_slice(&x[src..src + p * c]);
+        }
+    }
+}
+
+/// Non-overlapping `p` x `p` patches of an NCHW image batch (`c` x `h` x `w`); columns
+/// ordered (channel, di, dj) like a PyTorch convolution weight.
+pub fn im2col_patches_nchw(x: &[f32], c: usize, h: usize, w: usize, p: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let (oh, ow) = (h / p, w / p);
+    for (r, out) in rows.zip(col.chunks_exact_mut(c * p * p)) {
+        let (b, i, j) = pixel(r, oh, ow);
+        for ch in 0..c {
+            for di in 0..p {
+                let src = ((b * c + ch) * h + i * p + di) * w + j * p;
+                out[(ch * p + di) * p..(ch * p + di + 1) * p].copy_from_slice(&x[src..src + p]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_the_exact_erf_form() {
+        // Reference values from the f64 definition 0.5 x (1 + erf(x / sqrt 2)).
+        let mut worst = 0f64;
+        for i in -600..=600 {
+            let x = i as f64 / 100.0;
+            let want = 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2));
+            let got = gelu(x as f32) as f64;
+            worst = worst.max((got - want).abs() / want.abs().max(1.0));
+        }
+        assert!(worst < 1e-6, "worst error {worst:e}");
+        let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
+        bias_act(&mut v, &[0.0, 1.0], Some(Activation::Gelu));
+        assert!((v[1] - 0.841_344_7).abs() < 1e-6 && (v[3] - 1.954_5).abs() < 1e-3 && v[0].abs() < 0.01);
+    }
+
+    /// erf in f64 by its Taylor series (converges well for |x| <= 8 with enough terms).
+    fn erf64(x: f64) -> f64 {
+        if x.abs() > 6.0 {
+            return x.signum();
+        }
+        let (mut sum, mut term, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+            if n > 500.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+}
