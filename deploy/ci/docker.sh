@@ -183,8 +183,8 @@ remove_vendor() { if [ "$VENDOR_CREATED" = 1 ] && [ "${FASTERNET_CI_KEEP_VENDOR:
 on_exit remove_vendor
 # From cargo's local cache when it has every crate (e.g. after `cargo test`), else crates.io.
 if ! cargo vendor --locked --offline vendor >/dev/null 2>"$D/vendor.log"; then
-    log "offline vendoring failed ($(tail -n1 "$D/vendor.log")); fetching"
-    cargo vendor --locked vendor >/dev/null
+    log "offline vendoring failed ($(grep -m1 -i 'error\|offline' "$D/vendor.log" | sed 's/^ *//')); fetching from crates.io"
+    cargo vendor --locked vendor >/dev/null 2>"$D/vendor.log" || { tail -n 20 "$D/vendor.log" >&2; die "cargo vendor failed"; }
 fi
 log "vendor/: $(find vendor -mindepth 1 -maxdepth 1 -type d | wc -l) crates, $(du -sh vendor | cut -f1)"
 
@@ -192,8 +192,13 @@ step "docker build --network=none"
 BUILD_ARGS=(--network=none --pull=false --build-arg "RUST_IMAGE=$RUST_BASE" --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" -t "$IMAGE" -f Dockerfile .)
 if [ "$BUILDKIT" = 1 ]; then BUILD_ARGS=(--progress=plain "${BUILD_ARGS[@]}"); fi
 log "DOCKER_BUILDKIT=$BUILDKIT docker build ${BUILD_ARGS[*]}"
-DOCKER_BUILDKIT=$BUILDKIT "$DOCKER" build "${BUILD_ARGS[@]}" 2>&1 | tee "$D/build.log" | grep -v -E '^#[0-9]+ [0-9.]+ +(Compiling|Checking|Downloaded|Vendoring) ' || true
-[ "${PIPESTATUS[0]}" = 0 ] || die "docker build failed (see the log above)"
+# The full log goes to $D/build.log; the console gets it without cargo's per-crate lines.
+set +e
+DOCKER_BUILDKIT=$BUILDKIT "$DOCKER" build "${BUILD_ARGS[@]}" 2>&1 | tee "$D/build.log" | grep -v -E '^(#[0-9]+ [0-9.]+ +)? *(Compiling|Checking|Downloaded|Vendoring) '
+BUILD_RC=${PIPESTATUS[0]}
+set -e
+[ "$BUILD_RC" = 0 ] || die "docker build failed (exit $BUILD_RC, see above)"
+log "compiled $(grep -c 'Compiling ' "$D/build.log") crates in the image build"
 "$DOCKER" image inspect "$IMAGE" >/dev/null || die "docker build produced no $IMAGE"
 log "$IMAGE: $(( $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE") / 1000000 )) MB"
 

@@ -42,6 +42,7 @@ impl Backend for Classifier {
 }
 
 /// One image's result.
+#[derive(Debug)]
 pub struct Answer {
     pub probabilities: Vec<f32>,
     pub features: Vec<f32>,

@@ -28,15 +28,24 @@ pub unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize,
     );
 }
 
+/// a * b + c, fused where the CPU can (the callers are compiled with FMA enabled on x86).
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
 /// Exact-erf GELU to ~2e-7: Abramowitz & Stegun 7.1.26 for erf, a Cephes-style polynomial for
 /// exp. Branch-free so that it vectorises.
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let erf_abs = 1.0 - poly * exp_neg(a * a);
+    let t = 1.0 / fma(0.327_591_1, a, 1.0);
+    let poly = fma(t, 1.061_405_4, -1.453_152);
+    let poly = fma(t, poly, 1.421_413_8);
+    let poly = fma(t, poly, -0.284_496_74);
+    let poly = fma(t, poly, 0.254_829_6);
+    let erf_abs = fma(-(t * poly), exp_neg(a * a), 1.0);
     0.5 * x * (1.0 + erf_abs.copysign(z))
 }
 
@@ -44,16 +53,18 @@ fn gelu(x: f32) -> f32 {
 #[inline(always)]
 fn exp_neg(y: f32) -> f32 {
     let x = (-y).max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_2e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_65;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    let n = fma(x, std::f32::consts::LOG2_E, 0.5).floor();
+    let r = fma(n, -0.693_359_4, x);
+    let r = fma(n, 2.121_944_4e-4, r);
+    let p = fma(1.987_569_1e-4, r, 1.398_2e-3);
+    let p = fma(p, r, 8.333_452e-3);
+    let p = fma(p, r, 4.166_579_6e-2);
+    let p = fma(p, r, 0.166_666_65);
+    let p = fma(p, r, 0.5);
+    let e = fma(p * r, r, r + 1.0);
+    // 2^n without a float-to-int cast (Rust's saturating `as` does not vectorise): adding
+    // 1.5 * 2^23 leaves n + 127 in the low mantissa bits, which the shift moves into the exponent.
+    e * f32::from_bits((n + (12_582_912.0 + 127.0)).to_bits() << 23)
 }
 
 #[inline(always)]
