@@ -22,7 +22,8 @@
 #   --duration SECONDS      wrk run per level                  (10)
 #   --warmup SECONDS        unmeasured wrk run before the levels (2; 0 = none)
 #   --models LIST           bundled,t0                         (both)
-#   --image PATH            request body (tests/fixtures/preprocess/inputs/chelsea.png)
+#   --image PATH            request body for every model (default: a 28x28 Fashion-MNIST
+#                           PNG for the bundled model, the 451x300 chelsea.png for t0)
 #   --max-batch-size N      passed to the server and to bench  (16)
 #   --max-batch-delay-ms D  passed to the server               (5)
 #   --queue-capacity Q      passed to the server               (256)
@@ -37,9 +38,12 @@
 #
 # wrk runs on the same CPUs as the server and takes some of their time, so
 # the service figures are a lower bound for a server with the CPUs to itself.
-# On the 2-core machine this was written on, `-t 1` left the server more CPU
-# than `-t 2` (one wrk thread easily drives 64 connections at a few hundred
-# requests/s), hence the default --wrk-threads 1.
+# wrk threads: one wrk thread easily drives 64 connections at a few hundred
+# requests/s, and a second one only competes with the server's compute
+# threads. A quick A/B on the 2-core machine this was written on (bundled
+# model, 64 clients, 5 s, alternating; the machine was busy with a build, so
+# noisy) gave -t 1: 657, 620 img/s and -t 2: 565, 622 img/s, hence the default
+# --wrk-threads 1. Re-check on an idle machine with --wrk-threads 2.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,7 +53,7 @@ CONCURRENCY="1,8,32,64"
 DURATION=10
 WARMUP=2
 MODELS="bundled,t0"
-IMAGE="tests/fixtures/preprocess/inputs/chelsea.png"
+IMAGE=""
 MAX_BATCH=16
 DELAY_MS=5
 QUEUE_CAP=256
@@ -108,18 +112,30 @@ command -v wrk >/dev/null || die "wrk not found (Debian: apt-get install -y wrk)
 command -v curl >/dev/null || die "curl not found"
 command -v timeout >/dev/null || die "timeout (coreutils) not found"
 [[ -x "$BIN" ]] || die "$BIN not found or not executable (cargo build --release)"
-[[ -f "$IMAGE" ]] || die "image $IMAGE not found"
+[[ -z "$IMAGE" || -f "$IMAGE" ]] || die "image $IMAGE not found"
+IMAGE_OVERRIDE="$IMAGE"
 [[ -f "$LUA" ]] || die "$LUA not found"
-IMAGE="$(cd "$(dirname "$IMAGE")" && pwd)/$(basename "$IMAGE")"
-case "${IMAGE,,}" in
-  *.png) CONTENT_TYPE="image/png" ;;
-  *.jpg|*.jpeg) CONTENT_TYPE="image/jpeg" ;;
-  *.webp) CONTENT_TYPE="image/webp" ;;
-  *.gif) CONTENT_TYPE="image/gif" ;;
-  *.bmp) CONTENT_TYPE="image/bmp" ;;
-  *) CONTENT_TYPE="application/octet-stream" ;;
-esac
-IMAGE_BYTES=$(wc -c <"$IMAGE")
+
+use_image() { # path: sets IMAGE (absolute), CONTENT_TYPE, IMAGE_BYTES
+  IMAGE="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+  case "${IMAGE,,}" in
+    *.png) CONTENT_TYPE="image/png" ;;
+    *.jpg|*.jpeg) CONTENT_TYPE="image/jpeg" ;;
+    *.webp) CONTENT_TYPE="image/webp" ;;
+    *.gif) CONTENT_TYPE="image/gif" ;;
+    *.bmp) CONTENT_TYPE="image/bmp" ;;
+    *) CONTENT_TYPE="application/octet-stream" ;;
+  esac
+  IMAGE_BYTES=$(wc -c <"$IMAGE")
+}
+
+default_image() { # model
+  case "$1" in
+    bundled) echo "tests/fixtures/fashion_mnist_t10k_0.png" ;;
+    *) echo "tests/fixtures/preprocess/inputs/chelsea.png" ;;
+  esac
+}
+IMAGES_USED=""
 
 # The server and bench read FASTERNET_* settings from the environment; only
 # the flags given here should count.
@@ -265,6 +281,8 @@ MODEL_ONLY="$TMP/model_only.tsv" # model ips ms_per_batch bound_ms
 LOAD_AT_START="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 
 for m in "${MODEL_LIST[@]}"; do
+  use_image "${IMAGE_OVERRIDE:-$(default_image "$m")}"
+  IMAGES_USED="$IMAGES_USED${IMAGES_USED:+, }$m: $(basename "$IMAGE") ($IMAGE_BYTES bytes, $CONTENT_TYPE)"
   bench_out="$(run_bench "$m")"
   read -r mo_ips mo_ms <<<"$bench_out"
   settle_s="$(awk -v f="$mo_ms" 'BEGIN { s = 1.2 * f / 1000 + 0.2; printf "%.2f", (s < 0.5 ? 0.5 : s) }')"
@@ -338,7 +356,7 @@ checks() { # prefix
   return 0
 }
 
-SETUP="server \`--threads $THREADS --max-batch-size $MAX_BATCH --max-batch-delay-ms $DELAY_MS --queue-capacity $QUEUE_CAP\`; wrk $WRK_VERSION, closed loop, ${DURATION} s per level, \`-t $WRK_THREADS\` (capped at the clients), \`--timeout 10s\`; each request POSTs $(basename "$IMAGE") ($IMAGE_BYTES bytes, $CONTENT_TYPE)"
+SETUP="server \`--threads $THREADS --max-batch-size $MAX_BATCH --max-batch-delay-ms $DELAY_MS --queue-capacity $QUEUE_CAP\`; wrk $WRK_VERSION, closed loop, ${DURATION} s per level, \`-t $WRK_THREADS\` (capped at the clients), \`--timeout 10s\`; each request POSTs one image ($IMAGES_USED)"
 NOTE_CPU="wrk runs on the same CPUs as the server and takes part of their time, so service figures are a lower bound for a server with the machine to itself."
 NOTE_BOUND="p99 bound = 3 x (model-only forward of one batch of $MAX_BATCH + $DELAY_MS ms max batch delay); model-only figures are \`fasternet-serve bench\` on random weights of the same shape (${BENCH_SECONDS} s)."
 

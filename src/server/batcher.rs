@@ -3,7 +3,7 @@
 //! after the first, runs one forward pass and answers every image through its oneshot channel.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,6 +70,8 @@ pub struct BatchConfig {
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
     capacity: usize,
+    /// Images sent and not yet started (queued, or in the batch being formed).
+    waiting: Arc<AtomicUsize>,
 }
 
 /// Slots reserved in the queue for one request's images.
@@ -85,6 +87,8 @@ impl Batcher {
         ready: Arc<AtomicBool>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let worker_waiting = waiting.clone();
         let worker = std::thread::Builder::new().name("inference".into()).spawn(move || {
             warm_up(backend.as_ref(), config.max_batch_size);
             ready.store(true, Ordering::SeqCst);
@@ -92,9 +96,9 @@ impl Batcher {
                 .enable_time()
                 .build()
                 .expect("a current-thread runtime always builds");
-            runtime.block_on(run_worker(rx, backend, config, metrics));
+            runtime.block_on(run_worker(rx, backend, config, metrics, worker_waiting));
         })?;
-        Ok((Self { tx, capacity: config.queue_capacity }, worker))
+        Ok((Self { tx, capacity: config.queue_capacity, waiting }, worker))
     }
 
     /// Reserves `n` queue slots at once or none: a full queue rejects before any decoding.
@@ -102,13 +106,19 @@ impl Batcher {
         self.tx.try_reserve_many(n).ok()
     }
 
+    /// Queues one image in a reserved slot.
+    pub fn send(&self, permit: mpsc::Permit<'_, Job>, job: Job) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        permit.send(job);
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Images reserved or waiting in the queue.
+    /// Images queued and not yet in a forward pass (the batch being formed included).
     pub fn depth(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
@@ -127,7 +137,7 @@ fn warm_up(backend: &dyn Backend, max_batch_size: usize) {
     }
 }
 
-async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>) {
+async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>, waiting: Arc<AtomicUsize>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_batch_delay;
@@ -140,6 +150,7 @@ async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, conf
             }
         }
         let before = batch.len();
+        waiting.fetch_sub(before, Ordering::SeqCst);
         batch.retain(|job| !job.reply.is_closed());
         metrics.cancelled_images.inc_by((before - batch.len()) as u64);
         if !batch.is_empty() {
@@ -229,7 +240,7 @@ mod tests {
             .zip(reservation)
             .map(|(&v, permit)| {
                 let (tx, rx) = oneshot::channel();
-                permit.send(Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), enqueued: Instant::now(), reply: tx });
+                b.send(permit, Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), enqueued: Instant::now(), reply: tx });
                 rx
             })
             .collect()
@@ -276,11 +287,11 @@ mod tests {
         }
         assert_eq!(metrics.cancelled_images.get(), 1);
         assert_eq!(metrics.batch_size.get_sample_sum(), 2.0);
+        assert_eq!(b.depth(), 0);
         let held = b.try_reserve(64).expect("the queue is empty again");
         assert!(b.try_reserve(1).is_none(), "a full queue must refuse");
-        assert_eq!(b.depth(), 64);
         drop(held);
-        assert_eq!(b.depth(), 0);
+        assert!(b.try_reserve(64).is_some(), "dropped reservations free their slots");
         drop(b);
         worker.join().unwrap();
     }

@@ -41,7 +41,7 @@ impl Metrics {
             requests: reg(&registry, IntCounterVec::new(Opts::new("fasternet_http_requests_total", "HTTP requests answered, by route and status code."), &["route", "status"]).unwrap()),
             request_duration: reg(&registry, HistogramVec::new(secs("fasternet_http_request_duration_seconds", "Time from request to response, by route."), &["route"]).unwrap()),
             images: reg(&registry, IntCounterVec::new(Opts::new("fasternet_images_processed_total", "Images that went through the model, by route."), &["route"]).unwrap()),
-            queue_depth: reg(&registry, IntGauge::new("fasternet_queue_depth", "Images admitted and waiting for the inference worker.").unwrap()),
+            queue_depth: reg(&registry, IntGauge::new("fasternet_queue_depth", "Images queued and not yet in a forward pass (the batch being formed included).").unwrap()),
             queue_wait: reg(&registry, Histogram::with_opts(secs("fasternet_queue_wait_seconds", "Time an image waited in the queue before its forward pass.")).unwrap()),
             batch_size: reg(&registry, Histogram::with_opts(HistogramOpts::new("fasternet_batch_size", "Images per forward pass.").buckets(batch_buckets)).unwrap()),
             inference_duration: reg(&registry, Histogram::with_opts(secs("fasternet_inference_duration_seconds", "Duration of one batched forward pass.")).unwrap()),

@@ -195,7 +195,7 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
             receivers.push(rx);
         }
         for (job, permit) in jobs.into_iter().zip(reservation) {
-            permit.send(job);
+            state.batcher.send(permit, job);
         }
         let mut answers = Vec::with_capacity(receivers.len());
         for rx in receivers {
