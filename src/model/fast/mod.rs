@@ -36,10 +36,8 @@ struct Block {
     hidden: usize,
     /// (9 cp) x cp, rows ordered (di, dj, channel)
     partial: Vec<f32>,
-    /// cp x hidden
-    fc1_mixed: Vec<f32>,
-    /// (dim - cp) x hidden
-    fc1_untouched: Vec<f32>,
+    /// dim x hidden
+    fc1: Vec<f32>,
     fc1_bias: Vec<f32>,
     /// hidden x dim
     fc2: Vec<f32>,
@@ -123,8 +121,9 @@ impl FastEngine {
                 cp,
                 hidden,
                 partial: conv_nhwc_matrix(&b.partial_conv)?,
-                fc1_mixed: transpose(&b.fc1_mixed)?,
-                fc1_untouched: transpose(&b.fc1_untouched)?,
+                // fc1 as one GEMM over the tile whose first cp channels the partial
+                // convolution overwrote in place.
+                fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?)?,
                 fc1_bias: to_vec(&b.fc1_bias)?,
                 fc2: transpose(&b.fc2)?,
             })
@@ -197,29 +196,33 @@ impl FastEngine {
         });
     }
 
-    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of pixels.
+    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of pixels. The output
+    /// tile starts as a copy of the input tile; the partial convolution writes its cp channels
+    /// into it (the spatial-mixing output), fc1 reads it whole, then the cp channels are restored
+    /// so that fc2 accumulates onto the original input (the residual).
     fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize) {
         let rows = x.len() / b.dim;
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
         tiles(rows, b.hidden + 2 * b.dim + 9 * b.cp).into_par_iter().for_each(|r| {
-            SCRATCH.with_borrow_mut(|[col, mixed, hidden]| {
+            SCRATCH.with_borrow_mut(|[col, hidden, _]| {
                 let n = r.len();
                 let col = grow(col, n * 9 * b.cp);
-                let mixed = grow(mixed, n * b.cp);
                 let hidden = grow(hidden, n * b.hidden);
                 kernels::im2col_3x3(x, h, w, b.dim, b.cp, r.clone(), col);
                 let x_tile = &x[r.start * b.dim..r.end * b.dim];
                 let out_ptr = out_ptr;
                 // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r.start * b.dim), n * b.dim) };
+                dst.copy_from_slice(x_tile);
                 unsafe {
-                    matmul(n, b.cp, 9 * b.cp, mixed.as_mut_ptr(), b.cp, false, col.as_ptr(), 9 * b.cp, b.partial.as_ptr());
-                    matmul(n, b.hidden, b.dim - b.cp, hidden.as_mut_ptr(), b.hidden, false, x_tile.as_ptr().add(b.cp), b.dim, b.fc1_untouched.as_ptr());
-                    matmul(n, b.hidden, b.cp, hidden.as_mut_ptr(), b.hidden, true, mixed.as_ptr(), b.cp, b.fc1_mixed.as_ptr());
+                    matmul(n, b.cp, 9 * b.cp, dst.as_mut_ptr(), b.dim, false, col.as_ptr(), 9 * b.cp, b.partial.as_ptr());
+                    matmul(n, b.hidden, b.dim, hidden.as_mut_ptr(), b.hidden, false, dst.as_ptr(), b.dim, b.fc1.as_ptr());
                 }
                 kernels::bias_act(hidden, &b.fc1_bias, Some(act));
-                dst.copy_from_slice(x_tile);
+                for (o, i) in dst.chunks_exact_mut(b.dim).zip(x_tile.chunks_exact(b.dim)) {
+                    o[..b.cp].copy_from_slice(&i[..b.cp]);
+                }
                 unsafe { matmul(n, b.dim, b.hidden, dst.as_mut_ptr(), b.dim, true, hidden.as_ptr(), b.hidden, b.fc2.as_ptr()) };
             })
         });
