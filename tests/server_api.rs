@@ -207,3 +207,26 @@ async fn metrics_pass_promtool_and_the_openapi_document_validates() {
         assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[tokio::test]
+async fn the_healthcheck_command_follows_readiness() {
+    let s = Server::start(&[]).await;
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+    let check = |port: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
+            .args(["healthcheck"])
+            .env("FASTERNET_PORT", port)
+            .output()
+            .unwrap()
+    };
+    let ok = tokio::task::spawn_blocking({
+        let port = port.clone();
+        move || check(port)
+    })
+    .await
+    .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    drop(s);
+    let down = tokio::task::spawn_blocking(move || check(port)).await.unwrap();
+    assert!(!down.status.success(), "a stopped server must fail the health check");
+}

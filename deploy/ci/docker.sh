@@ -21,7 +21,8 @@
 #
 # Environment: FASTERNET_CI_CACHE (default ~/.cache/fasternet-ci), FASTERNET_CI_BUILDKIT
 # (1: BuildKit, the default; 0: the classic builder), FASTERNET_CI_CPUS (the container's CPU
-# limit, default 1), FASTERNET_CI_KEEP_VENDOR=1 (keep a vendor/ this script created).
+# limit, default 1), FASTERNET_CI_KEEP_VENDOR=1 (keep a vendor/ this script created),
+# FASTERNET_CI_DOCKER_DATA (a persistent dockerd data root: reruns reuse the build cache).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/ci/lib.sh
@@ -56,6 +57,7 @@ log "dockerd: $("$DOCKERD" --version); client: $DOCKER"
 step "start dockerd"
 D=$(mktemp -d /tmp/fnci-docker.XXXXXX)
 DOCKERD_PID=""
+DATA_ROOT=""
 CONTAINER=""
 stop_dockerd() {
     if [ -n "$CONTAINER" ]; then
@@ -70,15 +72,22 @@ stop_dockerd() {
     cpid=$(cat "$D/exec/containerd/containerd.pid" 2>/dev/null || true)
     if [ -n "$cpid" ] && kill -0 "$cpid" 2>/dev/null; then stop_pid "$cpid" 10; fi
     # Leftover mounts under the temp dir (deepest first), then the dir itself.
-    awk -v d="$D" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+    local dir
+    for dir in "$D" $DATA_ROOT; do
+        awk -v d="$dir/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+    done
     rm -rf "$D"
 }
 on_exit stop_dockerd
 echo '{}' > "$D/daemon.json"
+# FASTERNET_CI_DOCKER_DATA: keep dockerd's data root (images, build cache) there between runs,
+# for fast local reruns; CI leaves it unset and starts from an empty data root.
+DATA_ROOT=${FASTERNET_CI_DOCKER_DATA:-$D/data}
+mkdir -p "$DATA_ROOT"
 # HTTP(S)_PROXY at a closed port: any attempt to pull from a registry fails at once, so the
 # build provably runs from the local base images only.
 HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY="" \
-    "$DOCKERD" --config-file "$D/daemon.json" --data-root "$D/data" --exec-root "$D/exec" \
+    "$DOCKERD" --config-file "$D/daemon.json" --data-root "$DATA_ROOT" --exec-root "$D/exec" \
     --pidfile "$D/dockerd.pid" -H "unix://$D/docker.sock" --storage-driver=overlay2 \
     --iptables=false --ip-masq=false --bridge=none --log-level=warn >"$D/dockerd.log" 2>&1 &
 DOCKERD_PID=$!
@@ -194,47 +203,51 @@ if [ "$BUILDKIT" = 1 ]; then BUILD_ARGS=(--progress=plain "${BUILD_ARGS[@]}"); f
 log "DOCKER_BUILDKIT=$BUILDKIT docker build ${BUILD_ARGS[*]}"
 # The full log goes to $D/build.log; the console gets it without cargo's per-crate lines.
 set +e
-DOCKER_BUILDKIT=$BUILDKIT "$DOCKER" build "${BUILD_ARGS[@]}" 2>&1 | tee "$D/build.log" | grep -v -E '^(#[0-9]+ [0-9.]+ +)? *(Compiling|Checking|Downloaded|Vendoring) '
+DOCKER_BUILDKIT=$BUILDKIT "$DOCKER" build "${BUILD_ARGS[@]}" 2>&1 | tee "$D/build.log" | grep --line-buffered -v -E '^(#[0-9]+ [0-9.]+ +)? *(Compiling|Checking|Downloaded|Vendoring) '
 BUILD_RC=${PIPESTATUS[0]}
 set -e
 [ "$BUILD_RC" = 0 ] || die "docker build failed (exit $BUILD_RC, see above)"
-log "compiled $(grep -c 'Compiling ' "$D/build.log") crates in the image build"
 "$DOCKER" image inspect "$IMAGE" >/dev/null || die "docker build produced no $IMAGE"
 log "$IMAGE: $(( $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE") / 1000000 )) MB"
 
 # ---- 4. checks ---------------------------------------------------------------------------
 step "image metadata"
-"$DOCKER" image inspect -f '{{json .Config}}' "$IMAGE" | python3 -c '
+"$DOCKER" image inspect -f '{{json .Config}}' "$IMAGE" > "$D/config.json"
+python3 - "$D/config.json" "$UID_EXPECTED" <<'PY' || die "image metadata"
 import json, sys
-c = json.load(sys.stdin)
-want_uid = sys.argv[1]
+c = json.load(open(sys.argv[1]))
+want_uid = sys.argv[2]
 problems = []
 user = c.get("User") or ""
-if not user.split(":")[0].isdigit() or user.split(":")[0] == "0":
+uid = user.split(":")[0]
+if not uid.isdigit() or uid == "0":
     problems.append(f"USER {user!r} is not a numeric non-root UID")
-elif user.split(":")[0] != want_uid:
+elif uid != want_uid:
     problems.append(f"USER {user!r}, expected {want_uid}")
-if "8080/tcp" not in (c.get("ExposedPorts") or {}):
+ports = list(c.get("ExposedPorts") or {})
+if "8080/tcp" not in ports:
     problems.append("8080/tcp not exposed")
 hc = (c.get("Healthcheck") or {}).get("Test") or []
 if not hc or hc[0] != "CMD" or "healthcheck" not in " ".join(hc):
     problems.append(f"HEALTHCHECK {hc}")
-if c.get("StopSignal") != "SIGTERM":
-    problems.append(f"STOPSIGNAL {c.get(\"StopSignal\")}")
+stop = c.get("StopSignal")
+if stop != "SIGTERM":
+    problems.append(f"STOPSIGNAL {stop}")
 ep = c.get("Entrypoint") or []
 if ep != ["/usr/local/bin/fasternet-serve"]:
-    problems.append(f"ENTRYPOINT {ep}")
-if c.get("WorkingDir") != "/app":
-    problems.append(f"WORKDIR {c.get(\"WorkingDir\")}")
+    problems.append(f"ENTRYPOINT {ep} (expected the exec form)")
+wd = c.get("WorkingDir")
+if wd != "/app":
+    problems.append(f"WORKDIR {wd}")
 env = dict(e.split("=", 1) for e in c.get("Env") or [])
 if "FASTERNET_THREADS" in env:
     problems.append("FASTERNET_THREADS is baked into the image")
-print(f"User={user} ExposedPorts={list(c.get(\"ExposedPorts\") or {})} StopSignal={c.get(\"StopSignal\")} "
-      f"Entrypoint={ep} Cmd={c.get(\"Cmd\")} WorkingDir={c.get(\"WorkingDir\")}\nHealthcheck={hc}")
+print(f"User={user} ExposedPorts={ports} StopSignal={stop} Entrypoint={ep} Cmd={c.get('Cmd')} WorkingDir={wd}")
+print(f"Healthcheck={hc}")
 for p in problems:
     print("PROBLEM:", p)
 sys.exit(1 if problems else 0)
-' "$UID_EXPECTED" || die "image metadata"
+PY
 
 step "CLI inside the image"
 python3 deploy/ci/loadgen.py --url unused --fashion-mnist 8 --save "$D/images" >/dev/null

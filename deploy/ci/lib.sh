@@ -60,7 +60,7 @@ export EXIT_RC=0
 _run_cleanups() {
     local rc=$? i
     export EXIT_RC=$rc    # for cleanups that only act on failure
-    set +e
+    set +eu
     trap - EXIT INT TERM
     for (( i=${#_CLEANUPS[@]}-1; i>=0; i-- )); do
         eval "${_CLEANUPS[$i]}"

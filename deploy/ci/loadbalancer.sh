@@ -14,7 +14,7 @@
 #   bash deploy/ci/loadbalancer.sh
 #
 # Uses target/release/fasternet-serve (built with `cargo build --release --locked` if missing).
-# Environment: FASTERNET_LB_REQUESTS (per phase, default 600), FASTERNET_LB_CONCURRENCY
+# Environment: FASTERNET_LB_REQUESTS (per phase, default 1500), FASTERNET_LB_CONCURRENCY
 # (default 8), FASTERNET_LB_KILL_MAX_FAILURES (default 0).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +23,7 @@ source deploy/ci/lib.sh
 
 ROOT=$PWD
 BIN=$ROOT/target/release/fasternet-serve
-REQUESTS=${FASTERNET_LB_REQUESTS:-600}
+REQUESTS=${FASTERNET_LB_REQUESTS:-1500}
 CONCURRENCY=${FASTERNET_LB_CONCURRENCY:-8}
 KILL_MAX_FAILURES=${FASTERNET_LB_KILL_MAX_FAILURES:-0}
 LOAD_MAX_SECONDS=120
@@ -194,8 +194,8 @@ log "prometheus pid $PROM_PID on 127.0.0.1:$PORT_PROM: up {$(prom_up)}"
 SUMMARY=()
 run_phase() {
     local phase=$1 sig=$2 max_failures=$3 progress="$TMP/$1.progress" report="$TMP/$1.json" rc=0 deadline
-    local r0 d0
-    r0=$(lb_stat BACKEND wretr); d0=$(lb_stat BACKEND wredis)
+    local r0 d0 c0 e0
+    r0=$(lb_stat BACKEND wretr); d0=$(lb_stat BACKEND wredis); c0=$(lb_stat a econ); e0=$(lb_stat a eresp)
     python3 deploy/ci/loadgen.py --url "http://127.0.0.1:$PORT_LB" --fashion-mnist 100 \
         --requests "$REQUESTS" --concurrency "$CONCURRENCY" --max-seconds "$LOAD_MAX_SECONDS" \
         --max-failures "$max_failures" --min-accuracy 0.7 --progress-file "$progress" \
@@ -229,13 +229,17 @@ run_phase() {
     done
     wait "$LOAD_PID" || rc=$?
     LOAD_PID=""
-    local retries=$(( $(lb_stat BACKEND wretr) - r0 )) redispatches=$(( $(lb_stat BACKEND wredis) - d0 ))
-    SUMMARY+=("$(python3 - "$report" "$phase" "$exit_note" "$retries" "$redispatches" <<'PY'
+    # haproxy's counters for this phase: retries (wretr) and redispatches (wredis) of the
+    # backend, connection and response errors (econ, eresp) seen on instance a.
+    local lb_note
+    lb_note="retries=$(( $(lb_stat BACKEND wretr) - r0 )) redispatches=$(( $(lb_stat BACKEND wredis) - d0 ))"
+    lb_note+=" a:conn_errors=$(( $(lb_stat a econ) - c0 )) a:resp_errors=$(( $(lb_stat a eresp) - e0 ))"
+    SUMMARY+=("$(python3 - "$report" "$phase" "$exit_note" "$lb_note" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]:<14} {r['answered']:>4}/{r['requests']:<4} ok={r['ok']:<4} failed={r['failed']:<3} "
-      f"p50={r['latency_ms']['p50']}ms p95={r['latency_ms']['p95']}ms max={r['latency_ms']['max']}ms "
-      f"top1={r['accuracy']} | haproxy retries={sys.argv[4]} redispatches={sys.argv[5]} | {sys.argv[3]}")
+print(f"{sys.argv[2]:<8} {r['answered']:>4}/{r['requests']:<4} ok={r['ok']:<4} failed={r['failed']:<3} "
+      f"{r['seconds']}s p50={r['latency_ms']['p50']}ms p95={r['latency_ms']['p95']}ms max={r['latency_ms']['max']}ms "
+      f"top1={r['accuracy']} | haproxy {sys.argv[4]} | {sys.argv[3]}")
 PY
 )")
     log "summary: ${SUMMARY[-1]}"

@@ -10,15 +10,19 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct HealthcheckArgs {
-    /// An http:// URL (no TLS).
-    #[arg(long, env = "FASTERNET_HEALTHCHECK_URL", default_value = "http://127.0.0.1:8080/readyz")]
-    url: String,
+    /// An http:// URL (no TLS); default: this machine's /readyz on --port.
+    #[arg(long, env = "FASTERNET_HEALTHCHECK_URL")]
+    url: Option<String>,
+    /// The server's port (the same FASTERNET_PORT the server reads).
+    #[arg(long, env = "FASTERNET_PORT", default_value_t = 8080)]
+    port: u16,
     #[arg(long, env = "FASTERNET_HEALTHCHECK_TIMEOUT_MS", default_value_t = 3000)]
     timeout_ms: u64,
 }
 
 pub fn run(args: HealthcheckArgs) -> anyhow::Result<i32> {
-    let rest = args.url.strip_prefix("http://").context("only http:// URLs are supported")?;
+    let url = args.url.unwrap_or_else(|| format!("http://127.0.0.1:{}/readyz", args.port));
+    let rest = url.strip_prefix("http://").context("only http:// URLs are supported")?;
     let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let timeout = Duration::from_millis(args.timeout_ms);
     let addr = authority
@@ -36,9 +40,9 @@ pub fn run(args: HealthcheckArgs) -> anyhow::Result<i32> {
     match status_line.split_whitespace().nth(1) {
         Some("200") => Ok(0),
         Some(code) => {
-            eprintln!("{}: HTTP {code}", args.url);
+            eprintln!("{url}: HTTP {code}");
             Ok(1)
         }
-        None => bail!("{}: not an HTTP response", args.url),
+        None => bail!("{url}: not an HTTP response"),
     }
 }

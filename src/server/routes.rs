@@ -27,21 +27,24 @@ use crate::Prediction;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    // Only API calls are logged per request; probes and scrapes would drown them.
+    let api = Router::new()
         .route("/classify", post(classify))
         .route("/embed", post(embed))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .fallback(|| async { ApiError::NotFound })
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
-        }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
+        }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }
