@@ -59,18 +59,16 @@ pub struct FastEngine {
     buffers: Mutex<[Vec<f32>; 2]>,
 }
 
-/// Rows per tile: enough work per GEMM call, small enough for the tile's hidden activations
-/// to stay in L2, and at least one tile per thread when there are rows for it.
-fn tile_rows(rows: usize, width: usize) -> usize {
+/// Splits `rows` into tiles: small enough for a tile's working set (`width` floats per row)
+/// to stay in L2, at least 16 rows so each GEMM call has work, and a multiple of the thread
+/// count so that no thread idles while another finishes an extra tile.
+fn tiles(rows: usize, width: usize) -> Vec<Range<usize>> {
     const TILE_FLOATS: usize = 96 * 1024;
     let threads = rayon::current_num_threads().max(1);
-    let cache_rows = (TILE_FLOATS / width.max(1)).max(16);
-    let per_thread = rows.div_ceil(threads).max(16);
-    cache_rows.min(per_thread)
-}
-
-fn tiles(rows: usize, width: usize) -> Vec<Range<usize>> {
-    let t = tile_rows(rows, width);
+    let max_rows = (TILE_FLOATS / width.max(1)).max(16);
+    let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
+    let count = count.min(rows.div_ceil(16)).max(1);
+    let t = rows.div_ceil(count);
     (0..rows.div_ceil(t)).map(|i| i * t..((i + 1) * t).min(rows)).collect()
 }
 
