@@ -2,9 +2,9 @@
 //!
 //! - Stem and patch merging: non-overlapping patches gathered into rows, one GEMM each.
 //! - Each block runs over tiles of pixels that stay in L2: the partial 3x3 convolution
-//!   (im2col of the first dim/4 channels + GEMM), fc1 as two GEMMs into one accumulator (the
-//!   convolved and the untouched channels, so nothing is concatenated), bias + activation in
-//!   cache, then fc2 accumulated onto a copy of the input tile (the residual).
+//!   (im2col of the first dim/4 channels + GEMM) writes its channels in place into a copy of
+//!   the input tile (nothing is concatenated), fc1 is one GEMM over that tile, bias +
+//!   activation run in cache, and fc2 accumulates onto the input tile (the residual).
 //! - Tiles run in parallel on rayon's pool; each GEMM inside a tile is single-threaded, so
 //!   there is one level of parallelism and no spinning barrier between ops.
 //! - Activation buffers are kept between forward passes.
@@ -73,7 +73,8 @@ fn tiles(rows: usize, width: usize) -> Vec<Range<usize>> {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// Per-thread tile scratch: gathered patches and the hidden activations.
+    static SCRATCH: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Raw output pointer shared by tiles that write disjoint rows.
@@ -182,7 +183,7 @@ impl FastEngine {
     fn dense_rows(&self, out: &mut [f32], rows: usize, d: &Dense, gather: impl Fn(Range<usize>, &mut [f32]) + Sync) {
         let out_ptr = Out(out.as_mut_ptr());
         tiles(rows, d.k + d.n).into_par_iter().for_each(|r| {
-            SCRATCH.with_borrow_mut(|[col, _, _]| {
+            SCRATCH.with_borrow_mut(|[col, _]| {
                 let col = grow(col, r.len() * d.k);
                 gather(r.clone(), col);
                 let out_ptr = out_ptr;
@@ -203,7 +204,7 @@ impl FastEngine {
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
         tiles(rows, b.hidden + 2 * b.dim + 9 * b.cp).into_par_iter().for_each(|r| {
-            SCRATCH.with_borrow_mut(|[col, hidden, _]| {
+            SCRATCH.with_borrow_mut(|[col, hidden]| {
                 let n = r.len();
                 let col = grow(col, n * 9 * b.cp);
                 let hidden = grow(hidden, n * b.hidden);
