@@ -52,24 +52,25 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn load(options: &LoadOptions) -> Result<Self, ModelError> {
-        if let Some(variant) = options.random_init {
-            let config = crate::model::FasterNetConfig::preset(variant, 1000);
-            let model = FasterNet::with_engine(crate::model::FasterNetWeights::random(&config, 0)?, options.engine)?;
-            let mut preprocess = PreprocessConfig::imagenet();
-            preprocess.crop_pct = options.crop_pct.unwrap_or(preprocess.crop_pct);
-            preprocess.validate().map_err(ModelError::Config)?;
-            let labels = Labels::new(1000, None).map_err(ModelError::Config)?;
-            let name = format!("{}.random", config.architecture());
-            return Ok(Self::new(model, Preprocessor::new(preprocess, options.max_pixels), labels, name, PathBuf::from("(random weights)")));
-        }
-        let checkpoint = Checkpoint::load(&options.weights)?;
-        let source = checkpoint.path.clone();
-        let hub = checkpoint.hub_config.clone().unwrap_or_default();
+        let (model, hub, source) = match options.random_init {
+            // Random weights behave like a tagless ImageNet checkpoint named `.random`.
+            Some(variant) => {
+                let config = crate::model::FasterNetConfig::preset(variant, 1000);
+                let model = FasterNet::with_engine(crate::model::FasterNetWeights::random(&config, 0)?, options.engine)?;
+                let mut hub = crate::model::HubConfig::default();
+                hub.pretrained_cfg.tag = Some("random".into());
+                (model, hub, PathBuf::from("(random weights)"))
+            }
+            None => {
+                let checkpoint = Checkpoint::load(&options.weights)?;
+                let source = checkpoint.path.clone();
+                let hub = checkpoint.hub_config.clone().unwrap_or_default();
+                let num_classes_hint = checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
+                let config = options.variant.map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
+                (FasterNet::from_checkpoint(checkpoint, config, options.engine)?, hub, source)
+            }
+        };
         let bad_config = |reason: String| ModelError::checkpoint(&source, reason);
-        let num_classes_hint = checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
-        let config = options.variant.map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
-        let model = FasterNet::from_checkpoint(checkpoint, config)?;
-        let model = if options.engine == model.engine() { model } else { FasterNet::with_engine(model.weights().clone(), options.engine)? };
         let mut preprocess = PreprocessConfig::from_hub(&hub).map_err(bad_config)?;
         if let Some(crop_pct) = options.crop_pct {
             preprocess.crop_pct = crop_pct;

@@ -113,3 +113,24 @@ fn every_flag_reads_its_environment_variable() {
         assert!(help.contains(flag) && help.contains(&format!("[env: {env}")), "{flag} / {env} missing from serve --help");
     }
 }
+
+#[test]
+fn engines_agree_and_random_init_serves_imagenet_labels() {
+    let image = "tests/fixtures/preprocess/inputs/chelsea.png";
+    let top = |args: &[&str]| -> serde_json::Value {
+        let out = run(&[&["classify", "--json", "--top-k", "3"], args, &[image]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap()
+    };
+    let (fast, reference) = (top(&["--engine", "fast"]), top(&["--engine", "reference"]));
+    for (a, b) in fast["predictions"].as_array().unwrap().iter().zip(reference["predictions"].as_array().unwrap()) {
+        assert_eq!(a["class_index"], b["class_index"]);
+        assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    let random = top(&["--random-init", "t0"]);
+    let best = &random["predictions"][0];
+    let index = best["class_index"].as_u64().unwrap();
+    assert!(index < 1000);
+    // ImageNet names, not `class_N`.
+    assert!(!best["label"].as_str().unwrap().starts_with("class_"), "{random}");
+}

@@ -56,8 +56,9 @@ fn check_case(dir: &Path, name: &str) -> f32 {
         // Everything but the activation is read off the shapes.
         let inferred = infer_config(&checkpoint.tensors, None).unwrap();
         assert_eq!(FasterNetConfig { act: config.act, ..inferred }, config, "{}", path.display());
-        let fast = FasterNet::from_checkpoint(checkpoint, Some(config.clone())).unwrap();
-        assert_eq!(fast.engine(), Engine::Fast, "the fast engine is the default");
+        assert_eq!(Engine::default(), Engine::Fast, "the fast engine is the default");
+        let fast = FasterNet::from_checkpoint(checkpoint, Some(config.clone()), Engine::Fast).unwrap();
+        assert_eq!(fast.engine(), Engine::Fast);
         let reference = FasterNet::with_engine(fast.weights().clone(), Engine::Reference).unwrap();
         for (model, input) in [&fast, &reference].into_iter().flat_map(|m| inputs.iter().map(move |i| (m, i))) {
             let suffix = input.strip_prefix("input").unwrap();
@@ -126,7 +127,7 @@ fn save(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> PathBuf {
 #[test]
 fn a_config_that_disagrees_names_the_key_and_both_shapes() {
     let checkpoint = Checkpoint::load(&fixtures().join("tiny_gelu.official.pth")).unwrap();
-    let err = FasterNet::from_checkpoint(checkpoint, Some(FasterNetConfig::preset(Variant::T0, 7)))
+    let err = FasterNet::from_checkpoint(checkpoint, Some(FasterNetConfig::preset(Variant::T0, 7)), Engine::Fast)
         .err()
         .expect("t0 shapes cannot fit a tiny checkpoint");
     let msg = err.to_string();
@@ -144,7 +145,7 @@ fn missing_unexpected_and_misshaped_tensors_are_listed_in_one_error() {
     t.insert("stages.9.extra.weight".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
     t.insert("classifier.bias".into(), Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap());
     let path = save(dir.path(), "broken.safetensors", &t);
-    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), Some(config)).err().unwrap();
+    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), Some(config), Engine::Fast).err().unwrap();
     let ModelError::Mismatch { missing, unexpected, mismatched, .. } = &err else { panic!("{err}") };
     assert_eq!(missing, &["stages.2.blocks.0.mlp.3.weight"]);
     assert_eq!(unexpected, &["stages.9.extra.weight"]);
@@ -161,7 +162,7 @@ fn other_architectures_and_corrupt_files_are_errors_not_panics() {
     // A safetensors file of something else entirely.
     let other = HashMap::from([("fc.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap())]);
     let path = save(dir.path(), "resnet.safetensors", &other);
-    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), None).err().unwrap();
+    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), None, Engine::Fast).err().unwrap();
     assert!(err.to_string().contains("not a FasterNet checkpoint"), "{err}");
     for (name, bytes) in [("junk.pth", &b"not a zip at all"[..]), ("junk.safetensors", &b"\x08\0\0\0\0\0\0\0{}"[..]), ("empty.pth", &b""[..])] {
         let p = dir.path().join(name);
@@ -177,7 +178,7 @@ fn other_architectures_and_corrupt_files_are_errors_not_panics() {
 #[test]
 fn inputs_of_any_size_from_32_and_any_batch_work_smaller_ones_are_rejected() {
     let (config, _) = read_config(&fixtures(), "tiny_gelu");
-    let model = FasterNet::from_checkpoint(Checkpoint::load(&fixtures().join("tiny_gelu.timm.safetensors")).unwrap(), Some(config)).unwrap();
+    let model = FasterNet::from_checkpoint(Checkpoint::load(&fixtures().join("tiny_gelu.timm.safetensors")).unwrap(), Some(config), Engine::Fast).unwrap();
     for (b, h, w) in [(1, 32, 32), (3, 37, 101), (5, 64, 33)] {
         let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
         let out = model.forward(&x).unwrap();

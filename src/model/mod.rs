@@ -144,14 +144,15 @@ impl FasterNet {
         if self.fast.is_some() { Engine::Fast } else { Engine::Reference }
     }
 
-    /// Loads a checkpoint; `config` overrides what the tensor shapes say, and must agree with them.
-    pub fn from_checkpoint(checkpoint: Checkpoint, config: Option<FasterNetConfig>) -> Result<Self, ModelError> {
+    /// Loads a checkpoint with the given engine; `config` overrides what the tensor shapes say,
+    /// and must agree with them.
+    pub fn from_checkpoint(checkpoint: Checkpoint, config: Option<FasterNetConfig>, engine: Engine) -> Result<Self, ModelError> {
         let config = match config {
             Some(c) => c,
             None => infer_config(&checkpoint.tensors, checkpoint.hub_config.as_ref())?,
         };
         config.validate().map_err(ModelError::Config)?;
-        Ok(Self::new(FasterNetWeights::from_tensors(&config, checkpoint.tensors)?))
+        Self::with_engine(FasterNetWeights::from_tensors(&config, checkpoint.tensors)?, engine)
     }
 
     pub fn config(&self) -> &FasterNetConfig {
