@@ -38,7 +38,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None, engine: Engine::Fast }
+        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None, engine: Engine::default() }
     }
 }
 

@@ -127,11 +127,6 @@ pub struct FasterNet {
 }
 
 impl FasterNet {
-    /// With the default (fast) engine.
-    pub fn new(weights: FasterNetWeights) -> Self {
-        Self::with_engine(weights, Engine::default()).expect("the fast engine accepts any checked weights")
-    }
-
     pub fn with_engine(weights: FasterNetWeights, engine: Engine) -> Result<Self, ModelError> {
         let fast = match engine {
             Engine::Fast => Some(fast::FastEngine::new(&weights)?),
