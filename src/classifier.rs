@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::labels::Labels;
@@ -130,12 +130,11 @@ impl Classifier {
 
     /// Pre-logits feature vectors, optionally scaled to unit L2 norm.
     pub fn embed(&self, images: &[Tensor], l2_normalize: bool) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut features = self.forward(images)?.features;
+        let mut features = self.forward(images)?.features.to_vec2::<f32>()?;
         if l2_normalize {
-            let norm = features.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
-            features = features.broadcast_div(&norm)?;
+            features.iter_mut().for_each(|f| normalize_l2(f));
         }
-        Ok(features.to_vec2::<f32>()?)
+        Ok(features)
     }
 
     pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
@@ -147,4 +146,10 @@ impl Classifier {
             .map(|i| Prediction { label: self.labels.get(i).to_string(), class_index: i, score: probabilities[i] })
             .collect()
     }
+}
+
+/// Scales a vector to unit L2 norm (a zero vector stays zero).
+pub fn normalize_l2(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
 }

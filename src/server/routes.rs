@@ -163,8 +163,7 @@ async fn embed(State(state): State<Arc<AppState>>, Query(q): Query<EmbedQuery>, 
         .map(|(filename, a)| {
             let mut embedding = a.features.clone();
             if normalized {
-                let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                embedding.iter_mut().for_each(|v| *v /= norm);
+                crate::classifier::normalize_l2(&mut embedding);
             }
             EmbedResult { filename: filename.clone(), embedding }
         })
