@@ -111,22 +111,18 @@ pub fn pixel(row: usize, h: usize, w: usize) -> (usize, usize, usize) {
 }
 
 /// 3x3, stride 1, zero padding 1 patches of the first `cp` channels of an NHWC map with `c`
-/// channels, for output rows `rows`; columns ordered (di, dj, channel).
-pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
-    let k = 9 * cp;
-    for (r, out) in rows.zip(col.chunks_exact_mut(k)) {
-        let (b, i, j) = pixel(r, h, w);
-        for di in 0..3 {
-            let si = i as isize + di as isize - 1;
-            for dj in 0..3 {
-                let sj = j as isize + dj as isize - 1;
-                let dst = &mut out[(di * 3 + dj) * cp..(di * 3 + dj + 1) * cp];
-                if si < 0 || sj < 0 || si >= h as isize || sj >= w as isize {
-                    dst.fill(0.0);
-                } else {
-                    let src = ((b * h + si as usize) * w + sj as usize) * c;
-                    dst.copy_from_slice(&x[src..src + cp]);
-                }
+/// channels (`h` x `w` per image), for the pixels `cols` of global image row `g` (image * h +
+/// row); columns ordered (di, dj, channel).
+pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, cols: &[usize], out: &mut [f32]) {
+    let (b, i) = (g / h, g % h);
+    for (&j, out) in cols.iter().zip(out.chunks_exact_mut(9 * cp)) {
+        for (tap, dst) in out.chunks_exact_mut(cp).enumerate() {
+            let (si, sj) = ((i + tap / 3).wrapping_sub(1), (j + tap % 3).wrapping_sub(1));
+            if si >= h || sj >= w {
+                dst.fill(0.0);
+            } else {
+                let src = ((b * h + si) * w + sj) * c;
+                dst.copy_from_slice(&x[src..src + cp]);
             }
         }
     }
@@ -145,16 +141,27 @@ pub fn im2col_patches_nhwc(x: &[f32], h: usize, w: usize, c: usize, p: usize, ro
     }
 }
 
-/// Non-overlapping `p` x `p` patches of an NCHW image batch (`c` x `h` x `w`); columns
-/// ordered (channel, di, dj) like a PyTorch convolution weight.
-pub fn im2col_patches_nchw(x: &[f32], c: usize, h: usize, w: usize, p: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
-    let (oh, ow) = (h / p, w / p);
-    for (r, out) in rows.zip(col.chunks_exact_mut(c * p * p)) {
-        let (b, i, j) = pixel(r, oh, ow);
-        for ch in 0..c {
-            for di in 0..p {
-                let src = ((b * c + ch) * h + i * p + di) * w + j * p;
-                out[(ch * p + di) * p..(ch * p + di + 1) * p].copy_from_slice(&x[src..src + p]);
+/// Non-overlapping `P` x `P` patches of an NCHW image batch (`c` x `h` x `w`); columns
+/// ordered (channel, di, dj) like a PyTorch convolution weight. `P` is a constant so that the
+/// short row copies compile to moves rather than `memcpy` calls.
+pub fn im2col_patches_nchw<const P: usize>(x: &[f32], c: usize, h: usize, w: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
+    let (oh, ow) = (h / P, w / P);
+    let (mut b, mut i, mut j) = pixel(rows.start, oh, ow);
+    for out in col.chunks_exact_mut(c * P * P).take(rows.len()) {
+        for (ch, out) in out.chunks_exact_mut(P * P).enumerate() {
+            let plane = &x[((b * c + ch) * h + i * P) * w + j * P..];
+            for (di, dst) in out.chunks_exact_mut(P).enumerate() {
+                let dst: &mut [f32; P] = dst.try_into().unwrap();
+                *dst = plane[di * w..di * w + P].try_into().unwrap();
+            }
+        }
+        j += 1;
+        if j == ow {
+            j = 0;
+            i += 1;
+            if i == oh {
+                i = 0;
+                b += 1;
             }
         }
     }

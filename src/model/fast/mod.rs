@@ -9,6 +9,7 @@
 //!   there is one level of parallelism and no spinning barrier between ops.
 //! - Activation buffers are kept between forward passes.
 
+mod gemm;
 mod kernels;
 
 use std::cell::RefCell;
@@ -20,13 +21,11 @@ use rayon::prelude::*;
 
 use super::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use super::{Activation, ModelError, ModelOutput};
-use kernels::matmul;
+use gemm::{matmul, Epilogue, Segment, Weights};
 
-/// A dense layer as GEMM operands: `w` is (k x n) row-major.
+/// A dense layer: (k x n) weights and a bias.
 struct Dense {
-    k: usize,
-    n: usize,
-    w: Vec<f32>,
+    w: Weights,
     bias: Vec<f32>,
 }
 
@@ -35,12 +34,12 @@ struct Block {
     cp: usize,
     hidden: usize,
     /// (9 cp) x cp, rows ordered (di, dj, channel)
-    partial: Vec<f32>,
+    partial: Weights,
     /// dim x hidden
-    fc1: Vec<f32>,
+    fc1: Weights,
     fc1_bias: Vec<f32>,
     /// hidden x dim
-    fc2: Vec<f32>,
+    fc2: Weights,
 }
 
 struct Stage {
@@ -52,29 +51,38 @@ pub struct FastEngine {
     act: Activation,
     stem: Dense,
     stages: Vec<Stage>,
-    /// dim3 x feature_dim
-    head: Vec<f32>,
+    /// dim3 x feature_dim, no bias (zeros)
+    head: Dense,
     classifier: Dense,
-    /// Ping-pong activation buffers, kept between calls.
-    buffers: Mutex<[Vec<f32>; 2]>,
+    /// Ping-pong activation buffers, one pair per concurrent pass, kept between calls.
+    buffers: Mutex<Vec<[Vec<f32>; 2]>>,
 }
 
 /// Splits `rows` into tiles: small enough for a tile's working set (`width` floats per row)
-/// to stay in L2, at least 16 rows so each GEMM call has work, and a multiple of the thread
-/// count so that no thread idles while another finishes an extra tile.
-fn tiles(rows: usize, width: usize) -> Vec<Range<usize>> {
+/// to stay in L2, at least `min_rows` rows so each product has work, and a multiple of the
+/// thread count so that no thread idles while another finishes an extra tile.
+fn tiles(rows: usize, width: usize, min_rows: usize, threads: usize) -> Vec<Range<usize>> {
     const TILE_FLOATS: usize = 96 * 1024;
-    let threads = rayon::current_num_threads().max(1);
-    let max_rows = (TILE_FLOATS / width.max(1)).max(16);
+    let max_rows = (TILE_FLOATS / width.max(1)).max(min_rows);
     let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
-    let count = count.min(rows.div_ceil(16)).max(1);
+    let count = count.min(rows.div_ceil(min_rows)).max(1);
     let t = rows.div_ceil(count);
     (0..rows.div_ceil(t)).map(|i| i * t..((i + 1) * t).min(rows)).collect()
 }
 
+/// Runs `f` on every tile: on rayon's pool when the tiles are for several threads.
+fn for_each_tile(threads: usize, tiles: Vec<Range<usize>>, f: impl Fn(Range<usize>) + Sync + Send) {
+    if threads > 1 {
+        tiles.into_par_iter().for_each(f)
+    } else {
+        tiles.into_iter().for_each(f)
+    }
+}
+
 thread_local! {
-    /// Per-thread tile scratch: gathered patches and the hidden activations.
-    static SCRATCH: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+    /// Per-thread tile scratch: gathered patches, the partial convolution's output and the
+    /// hidden activations.
+    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Raw output pointer shared by tiles that write disjoint rows.
@@ -95,22 +103,23 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
 }
 
 /// (out, in, kh, kw) -> ((di, dj, in) x out) for patches gathered from NHWC maps.
-fn conv_nhwc_matrix(w: &Tensor) -> Result<Vec<f32>, ModelError> {
-    Ok(to_vec(&w.permute((2, 3, 1, 0))?.contiguous()?)?)
+fn conv_nhwc_matrix(w: &Tensor) -> Result<Weights, ModelError> {
+    let (n, cin, kh, kw) = w.dims4()?;
+    Ok(Weights::new(cin * kh * kw, n, to_vec(&w.permute((2, 3, 1, 0))?.contiguous()?)?))
 }
 
 /// (out, in, ...) -> (in x out).
-fn transpose(w: &Tensor) -> Result<Vec<f32>, ModelError> {
+fn transpose(w: &Tensor) -> Result<Weights, ModelError> {
     let w = w.flatten_from(1)?;
-    to_vec(&w.t()?.contiguous()?)
+    let (n, k) = w.dims2()?;
+    Ok(Weights::new(k, n, to_vec(&w.t()?.contiguous()?)?))
 }
 
 impl FastEngine {
     pub fn new(w: &FasterNetWeights) -> Result<Self, ModelError> {
         let dense = |conv: &FoldedConv, nhwc: bool| -> Result<Dense, ModelError> {
-            let (n, cin, kh, kw) = conv.weight.dims4()?;
-            let matrix = if nhwc { conv_nhwc_matrix(&conv.weight)? } else { transpose(&conv.weight)? };
-            Ok(Dense { k: cin * kh * kw, n, w: matrix, bias: to_vec(&conv.bias)? })
+            let w = if nhwc { conv_nhwc_matrix(&conv.weight)? } else { transpose(&conv.weight)? };
+            Ok(Dense { w, bias: to_vec(&conv.bias)? })
         };
         let block = |b: &BlockWeights| -> Result<Block, ModelError> {
             let (hidden, cp, _, _) = b.fc1_mixed.dims4()?;
@@ -120,8 +129,7 @@ impl FastEngine {
                 cp,
                 hidden,
                 partial: conv_nhwc_matrix(&b.partial_conv)?,
-                // fc1 as one GEMM over the tile whose first cp channels the partial
-                // convolution overwrote in place.
+                // fc1 as one product over [partial conv output, untouched channels].
                 fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?)?,
                 fc1_bias: to_vec(&b.fc1_bias)?,
                 fc2: transpose(&b.fc2)?,
@@ -137,100 +145,152 @@ impl FastEngine {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
-        let (classes, features) = w.classifier_weight.dims2()?;
+        let features = w.classifier_weight.dim(1)?;
         Ok(Self {
             act: w.config.act,
             stem: dense(&w.stem, false)?,
             stages,
-            head: transpose(&w.conv_head)?,
-            classifier: Dense { k: features, n: classes, w: transpose(&w.classifier_weight)?, bias: to_vec(&w.classifier_bias)? },
-            buffers: Mutex::new([Vec::new(), Vec::new()]),
+            head: Dense { w: transpose(&w.conv_head)?, bias: vec![0.0; features] },
+            classifier: Dense { w: transpose(&w.classifier_weight)?, bias: to_vec(&w.classifier_bias)? },
+            buffers: Mutex::new(Vec::new()),
         })
     }
 
     /// `x`: (batch, 3, H, W) f32, already checked by the caller.
+    ///
+    /// With at least as many images as threads, each thread runs whole images on its own (no
+    /// synchronisation between layers); the images left over, or a batch smaller than the
+    /// thread count, are split into tiles that all threads share.
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
         let (batch, c, in_h, in_w) = x.dims4()?;
         let input = to_vec(x)?;
-        let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        let [a, b] = &mut *guard;
+        let (f, k) = (self.head.w.n, self.classifier.w.n);
+        let mut features = vec![0f32; batch * f];
+        let mut logits = vec![0f32; batch * k];
+        let threads = rayon::current_num_threads().max(1);
+        let per_thread = if threads > 1 { batch / threads } else { 0 };
+        let image = c * in_h * in_w;
+        let own = per_thread * threads;
+        let (features_own, features_shared) = features.split_at_mut(own * f);
+        let (logits_own, logits_shared) = logits.split_at_mut(own * k);
+        if per_thread > 0 {
+            input[..own * image]
+                .par_chunks(per_thread * image)
+                .zip(features_own.par_chunks_mut(per_thread * f))
+                .zip(logits_own.par_chunks_mut(per_thread * k))
+                .for_each(|((x, features), logits)| self.forward_images(x, (per_thread, c, in_h, in_w), 1, features, logits));
+        }
+        if own < batch {
+            self.forward_images(&input[own * image..], (batch - own, c, in_h, in_w), threads, features_shared, logits_shared);
+        }
+        Ok(ModelOutput {
+            logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
+            features: Tensor::from_vec(features, (batch, f), &Device::Cpu)?,
+        })
+    }
+
+    /// The network on NCHW images `input`, tiles spread over `threads` threads (1: this one).
+    fn forward_images(&self, input: &[f32], (batch, c, in_h, in_w): (usize, usize, usize, usize), threads: usize, features: &mut [f32], logits: &mut [f32]) {
+        let [mut a, mut b] = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         // Stem: 4x4 stride-4 patches straight from the NCHW input.
         let (mut h, mut w) = (in_h / 4, in_w / 4);
         let mut rows = batch * h * w;
         let stem = &self.stem;
-        self.dense_rows(grow(a, rows * stem.n), rows, stem, |r, col| kernels::im2col_patches_nchw(&input, c, in_h, in_w, 4, r, col));
-        let (mut cur, mut next) = (a, b);
+        self.dense_rows(grow(&mut a, rows * stem.w.n), rows, stem, threads, |r, col| kernels::im2col_patches_nchw::<4>(input, c, in_h, in_w, r, col));
+        let (mut cur, mut next) = (&mut a, &mut b);
         for stage in &self.stages {
             if let Some(m) = &stage.merge {
-                let cin = m.k / 4;
+                let cin = m.w.k / 4;
                 let src: &[f32] = cur;
                 let (ih, iw) = (h, w);
                 h /= 2;
                 w /= 2;
                 rows = batch * h * w;
-                self.dense_rows(grow(next, rows * m.n), rows, m, |r, col| kernels::im2col_patches_nhwc(src, ih, iw, cin, 2, r, col));
+                self.dense_rows(grow(next, rows * m.w.n), rows, m, threads, |r, col| kernels::im2col_patches_nhwc(src, ih, iw, cin, 2, r, col));
                 std::mem::swap(&mut cur, &mut next);
             }
             for blk in &stage.blocks {
-                self.block(blk, &cur[..rows * blk.dim], grow(next, rows * blk.dim), h, w);
+                self.block(blk, &cur[..rows * blk.dim], grow(next, rows * blk.dim), h, w, threads);
                 std::mem::swap(&mut cur, &mut next);
             }
         }
-        self.head(&cur[..rows * self.head.len() / self.classifier.k], batch, h * w)
+        self.head(&cur[..rows * self.head.w.k], batch, h * w, features, logits);
+        self.buffers.lock().unwrap_or_else(|e| e.into_inner()).push([a, b]);
     }
 
-    /// out (rows x n) = gather(rows) @ w + bias, tiles in parallel.
-    fn dense_rows(&self, out: &mut [f32], rows: usize, d: &Dense, gather: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    /// out (rows x n) = gather(rows) @ w + bias, by tiles.
+    fn dense_rows(&self, out: &mut [f32], rows: usize, d: &Dense, threads: usize, gather: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+        let (k, n) = (d.w.k, d.w.n);
         let out_ptr = Out(out.as_mut_ptr());
-        tiles(rows, d.k + d.n).into_par_iter().for_each(|r| {
-            SCRATCH.with_borrow_mut(|[col, _]| {
-                let col = grow(col, r.len() * d.k);
+        for_each_tile(threads, tiles(rows, k + n, 16, threads), |r| {
+            SCRATCH.with_borrow_mut(|[col, ..]| {
+                let col = grow(col, r.len() * k);
                 gather(r.clone(), col);
                 let out_ptr = out_ptr;
-                // SAFETY: tiles are disjoint row ranges of `out`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r.start * d.n), r.len() * d.n) };
-                unsafe { matmul(r.len(), d.n, d.k, dst.as_mut_ptr(), d.n, false, col.as_ptr(), d.k, d.w.as_ptr()) };
-                kernels::bias_act(dst, &d.bias, None);
+                // SAFETY: tiles are disjoint row ranges of `out`; col covers the tile's rows.
+                unsafe {
+                    let a = [Segment { ptr: col.as_ptr(), stride: k, k }];
+                    matmul(r.len(), &a, &d.w, out_ptr.0.add(r.start * n), n, Epilogue::Bias(&d.bias, None));
+                }
             })
         });
     }
 
-    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of pixels. The output
-    /// tile starts as a copy of the input tile; the partial convolution writes its cp channels
-    /// into it (the spatial-mixing output), fc1 reads it whole, then the cp channels are restored
-    /// so that fc2 accumulates onto the original input (the residual).
-    fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize) {
-        let rows = x.len() / b.dim;
+    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of whole image rows.
+    /// The partial convolution of a row's inner pixels reads the input directly as nine shifted
+    /// segments (taps above the first or below the last row are skipped); only the row's two
+    /// edge pixels, whose windows reach into the zero padding, are gathered (im2col). It writes
+    /// a scratch tile of cp channels; fc1 reads that and the untouched input channels as two
+    /// segments of one product (nothing is concatenated); bias + activation are fc1's epilogue
+    /// and the residual add is fc2's.
+    fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize, threads: usize) {
+        let (dim, cp) = (b.dim, b.cp);
+        let image_rows = x.len() / (dim * w);
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
-        tiles(rows, b.hidden + 2 * b.dim + 9 * b.cp).into_par_iter().for_each(|r| {
-            SCRATCH.with_borrow_mut(|[col, hidden]| {
-                let n = r.len();
-                let col = grow(col, n * 9 * b.cp);
+        let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
+        for_each_tile(threads, tiles(image_rows, w * (b.hidden + 2 * dim + cp), 16usize.div_ceil(w), threads), |g| {
+            SCRATCH.with_borrow_mut(|[col, mixed, hidden]| {
+                let n = g.len() * w;
+                let col = grow(col, edges.len() * 9 * cp);
+                let mixed = grow(mixed, n * cp);
                 let hidden = grow(hidden, n * b.hidden);
-                kernels::im2col_3x3(x, h, w, b.dim, b.cp, r.clone(), col);
-                let x_tile = &x[r.start * b.dim..r.end * b.dim];
+                let x_tile = x[g.start * w * dim..].as_ptr();
                 let out_ptr = out_ptr;
-                // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(r.start * b.dim), n * b.dim) };
-                dst.copy_from_slice(x_tile);
+                // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias; the
+                // scratch tiles cover the tile's rows; a tap's segment is skipped where its rows
+                // would leave the image.
                 unsafe {
-                    matmul(n, b.cp, 9 * b.cp, dst.as_mut_ptr(), b.dim, false, col.as_ptr(), 9 * b.cp, b.partial.as_ptr());
-                    matmul(n, b.hidden, b.dim, hidden.as_mut_ptr(), b.hidden, false, dst.as_ptr(), b.dim, b.fc1.as_ptr());
+                    for (t, row) in g.clone().enumerate() {
+                        let i = row % h;
+                        let mixed_row = mixed[t * w * cp..].as_mut_ptr();
+                        if w > 2 {
+                            let taps: [Segment; 9] = std::array::from_fn(|tap| {
+                                let (di, dj) = (tap / 3, tap % 3);
+                                if (i == 0 && di == 0) || (i == h - 1 && di == 2) {
+                                    Segment::zeros(cp)
+                                } else {
+                                    Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
+                                }
+                            });
+                            matmul(w - 2, &taps, &b.partial, mixed_row.add(cp), cp, Epilogue::Store);
+                        }
+                        kernels::im2col_3x3(x, h, w, dim, cp, row, edges, col);
+                        let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
+                        matmul(edges.len(), &patches, &b.partial, mixed_row, (w - 1).max(1) * cp, Epilogue::Store);
+                    }
+                    let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
+                    matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, Epilogue::Bias(&b.fc1_bias, Some(act)));
+                    let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
+                    matmul(n, &hidden, &b.fc2, out_ptr.0.add(g.start * w * dim), dim, Epilogue::Residual(x_tile));
                 }
-                kernels::bias_act(hidden, &b.fc1_bias, Some(act));
-                for (o, i) in dst.chunks_exact_mut(b.dim).zip(x_tile.chunks_exact(b.dim)) {
-                    o[..b.cp].copy_from_slice(&i[..b.cp]);
-                }
-                unsafe { matmul(n, b.dim, b.hidden, dst.as_mut_ptr(), b.dim, true, hidden.as_ptr(), b.hidden, b.fc2.as_ptr()) };
             })
         });
     }
 
     /// Global average pool, conv_head + activation, classifier.
-    fn head(&self, x: &[f32], batch: usize, pixels: usize) -> Result<ModelOutput, ModelError> {
+    fn head(&self, x: &[f32], batch: usize, pixels: usize, features: &mut [f32], logits: &mut [f32]) {
         let c = x.len() / (batch * pixels);
-        let f = self.classifier.k;
         let mut pooled = vec![0f32; batch * c];
         for (b, p) in pooled.chunks_exact_mut(c).enumerate() {
             for row in x[b * pixels * c..(b + 1) * pixels * c].chunks_exact(c) {
@@ -238,16 +298,12 @@ impl FastEngine {
             }
             p.iter_mut().for_each(|s| *s /= pixels as f32);
         }
-        let mut features = vec![0f32; batch * f];
-        unsafe { matmul(batch, f, c, features.as_mut_ptr(), f, false, pooled.as_ptr(), c, self.head.as_ptr()) };
-        kernels::bias_act(&mut features, &vec![0.0; f], Some(self.act));
-        let k = self.classifier.n;
-        let mut logits = vec![0f32; batch * k];
-        unsafe { matmul(batch, k, f, logits.as_mut_ptr(), k, false, features.as_ptr(), f, self.classifier.w.as_ptr()) };
-        kernels::bias_act(&mut logits, &self.classifier.bias, None);
-        Ok(ModelOutput {
-            logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
-            features: Tensor::from_vec(features, (batch, f), &Device::Cpu)?,
-        })
+        let (f, k) = (self.head.w.n, self.classifier.w.n);
+        // SAFETY: the buffers hold `batch` rows of the stated widths.
+        unsafe {
+            matmul(batch, &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }], &self.head.w, features.as_mut_ptr(), f, Epilogue::Bias(&self.head.bias, Some(self.act)));
+            let a = [Segment { ptr: features.as_ptr(), stride: f, k: f }];
+            matmul(batch, &a, &self.classifier.w, logits.as_mut_ptr(), k, Epilogue::Bias(&self.classifier.bias, None));
+        }
     }
 }

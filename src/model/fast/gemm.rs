@@ -1,0 +1,350 @@
+//! Activation rows times a weight matrix packed once at load time, with the epilogue (bias,
+//! activation, residual) applied while the results are still in registers.
+//!
+//! On x86-64 with AVX-512 this is our own microkernel: 12 rows x 32 columns of accumulators
+//! (24 of the 32 zmm registers), the weights pre-packed into 32-column panels so that every
+//! weight load is one aligned-size vector, and the activations broadcast straight from their
+//! rows (no packing of the left operand, whose tiles the caller keeps in L2). Any other CPU gets
+//! the `gemm` crate on the row-major weights and a separate epilogue pass: same results within
+//! rounding.
+//!
+//! The left operand may be split into column segments read from different places: fc1 reads
+//! the partial convolution's output for the first channels and the untouched input channels
+//! for the rest, so the mixed tensor is never assembled.
+
+use crate::model::Activation;
+
+use super::kernels;
+
+/// Columns of `A`: `k` consecutive values from row `r` at `ptr + r * stride`; a null `ptr`
+/// stands for zeros (the matching rows of the weights are skipped).
+#[derive(Clone, Copy)]
+pub struct Segment {
+    pub ptr: *const f32,
+    pub stride: usize,
+    pub k: usize,
+}
+
+impl Segment {
+    pub fn zeros(k: usize) -> Self {
+        Self { ptr: std::ptr::null(), stride: 0, k }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// dst = A W
+    Store,
+    /// dst = act(A W + bias)
+    Bias(&'a [f32], Option<Activation>),
+    /// dst = A W + residual; `residual` rows have the stride of `dst`'s.
+    Residual(*const f32),
+}
+
+/// A (k x n) weight matrix in the layout the product on this CPU wants.
+pub struct Weights {
+    pub k: usize,
+    pub n: usize,
+    data: Vec<f32>,
+    packed: bool,
+}
+
+const PANEL: usize = 32;
+
+impl Weights {
+    /// `row_major`: (k x n).
+    pub fn new(k: usize, n: usize, row_major: Vec<f32>) -> Self {
+        assert_eq!(row_major.len(), k * n, "weight matrix shape");
+        if !avx512() {
+            return Self { k, n, data: row_major, packed: false };
+        }
+        // Panels of 32 columns (the last one 16 or 32 wide, zero-padded), k rows each.
+        let mut data = Vec::with_capacity(k * n.div_ceil(16) * 16);
+        let mut j0 = 0;
+        while j0 < n {
+            let width = panel_width(n - j0);
+            for row in row_major.chunks_exact(n) {
+                data.extend((j0..j0 + width).map(|j| row.get(j).copied().unwrap_or(0.0)));
+            }
+            j0 += width;
+        }
+        Self { k, n, data, packed: true }
+    }
+}
+
+fn panel_width(columns_left: usize) -> usize {
+    if columns_left > 16 { PANEL } else { 16 }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// dst (m x n, row stride `dst_rs`) = epilogue([segments...] @ w).
+///
+/// # Safety
+/// Every segment must cover `m` rows; the segments' `k` must add up to `w.k`; dst must cover
+/// m rows of `w.n` values at stride `dst_rs` and not alias the inputs (a residual may be dst
+/// itself only on the fallback path, so callers never pass that).
+pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    debug_assert_eq!(a.iter().map(|s| s.k).sum::<usize>(), w.k);
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if w.packed {
+        return avx512::matmul(m, a, w, dst, dst_rs, epilogue);
+    }
+    fallback(m, a, w, dst, dst_rs, epilogue)
+}
+
+unsafe fn fallback(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    let n = w.n;
+    let mut accumulate = false;
+    if let Epilogue::Residual(res) = epilogue {
+        for r in 0..m {
+            std::ptr::copy_nonoverlapping(res.add(r * dst_rs), dst.add(r * dst_rs), n);
+        }
+        accumulate = true;
+    }
+    let mut k0 = 0;
+    for s in a {
+        if !s.ptr.is_null() {
+            kernels::matmul(m, n, s.k, dst, dst_rs, accumulate, s.ptr, s.stride, w.data[k0 * n..].as_ptr());
+            accumulate = true;
+        }
+        k0 += s.k;
+    }
+    if !accumulate {
+        for r in 0..m {
+            std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n).fill(0.0);
+        }
+    }
+    if let Epilogue::Bias(bias, act) = epilogue {
+        for r in 0..m {
+            kernels::bias_act(std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n), bias, act);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{panel_width, Activation, Epilogue, Segment, Weights};
+
+    const MR: usize = 12;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        let mut panel = w.data.as_ptr();
+        let mut j0 = 0;
+        while j0 < w.n {
+            let width = panel_width(w.n - j0);
+            let valid = (w.n - j0).min(width);
+            // Lanes of the panel's last vector that hold real columns.
+            let mask: __mmask16 = if valid % 16 == 0 { 0xffff } else { (1u16 << (valid % 16)) - 1 };
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(MR);
+                let at = Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask };
+                macro_rules! dispatch {
+                    ($($r:literal)*) => {
+                        match (rows, width) {
+                            $(($r, 16) => tile::<$r, 1>(a, panel, &at, epilogue),
+                              ($r, _) => tile::<$r, 2>(a, panel, &at, epilogue),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+                r0 += rows;
+            }
+            panel = panel.add(w.k * width);
+            j0 += width;
+        }
+    }
+
+    struct Tile {
+        r0: usize,
+        j0: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        mask: __mmask16,
+    }
+
+    /// R rows x NV vectors of 16 columns, over every segment's k.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize, const NV: usize>(a: &[Segment], panel: *const f32, t: &Tile, epilogue: Epilogue) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        let mut wp = panel;
+        for s in a {
+            if !s.ptr.is_null() {
+                acc = accumulate::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k, wp);
+            }
+            wp = wp.add(16 * NV * s.k);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let dst = t.dst.add(r * t.dst_rs);
+            for (v, &sum) in acc.iter().enumerate() {
+                let mask = if v == NV - 1 { t.mask } else { 0xffff };
+                let col = t.j0 + 16 * v;
+                let out = match epilogue {
+                    Epilogue::Store => sum,
+                    Epilogue::Bias(bias, act) => {
+                        let x = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
+                        match act {
+                            None => x,
+                            Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
+                            Some(Activation::Gelu) => gelu(x),
+                        }
+                    }
+                    Epilogue::Residual(res) => {
+                        _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, res.add((t.r0 + r) * t.dst_rs + col)))
+                    }
+                };
+                _mm512_mask_storeu_ps(dst.add(16 * v), mask, out);
+            }
+        }
+    }
+
+    /// acc += (R rows of k values at `rowp`, row stride `stride`) @ (k x 16 NV panel at `wp`).
+    /// By value so that the accumulators live in registers for the whole loop.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<const R: usize, const NV: usize>(mut acc: [[__m512; NV]; R], mut rowp: *const f32, stride: usize, k: usize, mut wp: *const f32) -> [[__m512; NV]; R] {
+        for _ in 0..k {
+            let mut wv = [_mm512_setzero_ps(); NV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_ps(wp.add(16 * v));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*rowp.add(r * stride));
+                for v in 0..NV {
+                    acc[v] = _mm512_fmadd_ps(x, wv[v], acc[v]);
+                }
+            }
+            rowp = rowp.add(1);
+            wp = wp.add(16 * NV);
+        }
+        acc
+    }
+
+    /// The same exact-erf GELU as `kernels::gelu`, on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gelu(x: __m512) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let a = _mm512_abs_ps(z);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
+        let mut poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061_405_4), _mm512_set1_ps(-1.453_152));
+        poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(1.421_413_8));
+        poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(-0.284_496_74));
+        poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(0.254_829_6));
+        let tp = _mm512_mul_ps(t, poly);
+        let erf_abs = _mm512_fnmadd_ps(tp, exp_neg(_mm512_mul_ps(a, a)), one);
+        // copysign(erf_abs, z)
+        let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
+        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
+        _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5), x), _mm512_add_ps(one, erf))
+    }
+
+    /// e^-y for y >= 0, as `kernels::exp_neg`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp_neg(y: __m512) -> __m512 {
+        let x = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), y), _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+            _mm512_set1_ps(0.5),
+        ));
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+        let mut p = _mm512_fmadd_ps(_mm512_set1_ps(1.987_569_1e-4), r, _mm512_set1_ps(1.398_2e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_castps_si512(_mm512_add_ps(n, _mm512_set1_ps(12_582_912.0 + 127.0))));
+        _mm512_mul_ps(e, _mm512_castsi512_ps(pow2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, k: usize, n: usize, a: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                out[r * n + c] = (0..k).map(|i| a[r * k + i] as f64 * w[i * n + c] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    /// Every row count 1..=12 and panel shape (32, 16, masked), two segments, all epilogues.
+    #[test]
+    fn matches_a_plain_product() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100)] {
+            let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| next()).collect();
+            let residual: Vec<f32> = (0..m * n).map(|_| next()).collect();
+            let w = Weights::new(k, n, wm.clone());
+            let want = reference(m, k, n, &a, &wm);
+            let split = k / 3;
+            let segments = [
+                Segment { ptr: a.as_ptr(), stride: k, k: split },
+                Segment { ptr: a[split..].as_ptr(), stride: k, k: k - split },
+            ];
+            for epilogue in [Epilogue::Store, Epilogue::Bias(&bias, Some(Activation::Gelu)), Epilogue::Bias(&bias, Some(Activation::Relu)), Epilogue::Residual(residual.as_ptr())] {
+                let mut got = vec![f32::NAN; m * n];
+                unsafe { matmul(m, &segments, &w, got.as_mut_ptr(), n, epilogue) };
+                for (i, (&g, &p)) in got.iter().zip(&want).enumerate() {
+                    let c = i % n;
+                    let expect = match epilogue {
+                        Epilogue::Store => p,
+                        Epilogue::Bias(_, Some(Activation::Gelu)) => {
+                            let x = (p + bias[c]) as f64;
+                            (0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))) as f32
+                        }
+                        Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
+                        Epilogue::Residual(_) => p + residual[i],
+                    };
+                    assert!((g - expect).abs() < 2e-5, "m={m} k={k} n={n} row {} col {c}: {g} vs {expect}", i / n);
+                }
+            }
+        }
+    }
+
+    /// erf by its Taylor series (|x| is small here).
+    fn libm_erf(x: f64) -> f64 {
+        let (mut sum, mut term) = (x, x);
+        for n in 1..200 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+}
+
