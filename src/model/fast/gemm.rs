@@ -1,10 +1,11 @@
 //! Activation rows times a weight matrix packed once at load time, with the epilogue (bias,
 //! activation, residual) applied while the results are still in registers.
 //!
-//! On x86-64 with AVX-512 this is our own microkernel: 12 rows x 32 columns of accumulators
-//! (24 of the 32 zmm registers), the weights pre-packed into 32-column panels so that every
-//! weight load is one aligned-size vector, and the activations broadcast straight from their
-//! rows (no packing of the left operand, whose tiles the caller keeps in L2). Any other CPU gets
+//! On x86-64 with AVX-512 this is our own microkernel: 12 rows x 32 columns (or 8 x 48) of
+//! accumulators (24 of the 32 zmm registers), the weights pre-packed into column panels of
+//! that width so that every weight load is one full vector, and the activations broadcast
+//! straight from their rows (no packing of the left operand, whose tiles the caller keeps in
+//! L2). Any other CPU gets
 //! the `gemm` crate on the row-major weights and a separate epilogue pass: same results within
 //! rounding.
 //!
@@ -49,8 +50,6 @@ pub struct Weights {
     packed: bool,
 }
 
-const PANEL: usize = 32;
-
 impl Weights {
     /// `row_major`: (k x n).
     pub fn new(k: usize, n: usize, row_major: Vec<f32>) -> Self {
@@ -58,11 +57,10 @@ impl Weights {
         if !avx512() {
             return Self { k, n, data: row_major, packed: false };
         }
-        // Panels of 32 columns (the last one 16 or 32 wide, zero-padded), k rows each.
+        // Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
         let mut data = Vec::with_capacity(k * n.div_ceil(16) * 16);
         let mut j0 = 0;
-        while j0 < n {
-            let width = panel_width(n - j0);
+        for width in panel_vectors(n).map(|v| 16 * v) {
             for row in row_major.chunks_exact(n) {
                 data.extend((j0..j0 + width).map(|j| row.get(j).copied().unwrap_or(0.0)));
             }
@@ -72,8 +70,18 @@ impl Weights {
     }
 }
 
-fn panel_width(columns_left: usize) -> usize {
-    if columns_left > 16 { PANEL } else { 16 }
+/// Widths, in vectors of 16 columns, of the panels that cover `n` columns: pairs (32 columns,
+/// a 12 x 2 register tile), and one triple (8 x 3) where the count is odd, so that no panel
+/// runs the lower-throughput single-vector tile except for n <= 16.
+fn panel_vectors(n: usize) -> impl Iterator<Item = usize> {
+    let vectors = n.div_ceil(16);
+    let (pairs, last) = match vectors {
+        0 => (0, None),
+        1 => (0, Some(1)),
+        v if v % 2 == 1 => ((v - 3) / 2, Some(3)),
+        v => (v / 2, None),
+    };
+    std::iter::repeat_n(2, pairs).chain(last)
 }
 
 fn avx512() -> bool {
@@ -138,33 +146,34 @@ unsafe fn fallback(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{panel_width, Activation, Epilogue, Segment, Weights};
+    use super::{panel_vectors, Activation, Epilogue, Segment, Weights};
 
-    const MR: usize = 12;
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
         let mut panel = w.data.as_ptr();
         let mut j0 = 0;
-        while j0 < w.n {
-            let width = panel_width(w.n - j0);
+        for vectors in panel_vectors(w.n) {
+            let width = 16 * vectors;
             let valid = (w.n - j0).min(width);
             // Lanes of the panel's last vector that hold real columns.
             let mask: __mmask16 = if valid % 16 == 0 { 0xffff } else { (1u16 << (valid % 16)) - 1 };
+            let max_rows = if vectors == 3 { 8 } else { 12 };
             let mut r0 = 0;
             while r0 < m {
-                let rows = (m - r0).min(MR);
+                let rows = (m - r0).min(max_rows);
                 let at = Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask };
                 macro_rules! dispatch {
-                    ($($r:literal)*) => {
-                        match (rows, width) {
-                            $(($r, 16) => tile::<$r, 1>(a, panel, &at, epilogue),
-                              ($r, _) => tile::<$r, 2>(a, panel, &at, epilogue),)*
+                    ($($r:literal)*; $($r3:literal)*) => {
+                        match (rows, vectors) {
+                            $(($r, 1) => tile::<$r, 1>(a, panel, &at, epilogue),
+                              ($r, 2) => tile::<$r, 2>(a, panel, &at, epilogue),)*
+                            $(($r3, 3) => tile::<$r3, 3>(a, panel, &at, epilogue),)*
                             _ => unreachable!(),
                         }
                     };
                 }
-                dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+                dispatch!(1 2 3 4 5 6 7 8 9 10 11 12; 1 2 3 4 5 6 7 8);
                 r0 += rows;
             }
             panel = panel.add(w.k * width);
@@ -238,24 +247,28 @@ mod avx512 {
         acc
     }
 
-    /// The same exact-erf GELU as `kernels::gelu`, on 16 lanes.
+    /// The same exact-erf GELU as `kernels::gelu`, on 16 lanes; the division is a reciprocal
+    /// estimate refined by one Newton step (full single precision) and 2^n is `vscalefps`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn gelu(x: __m512) -> __m512 {
         let one = _mm512_set1_ps(1.0);
         let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
         let a = _mm512_abs_ps(z);
-        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
+        let d = _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one);
+        let r = _mm512_rcp14_ps(d);
+        let t = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)));
         let mut poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061_405_4), _mm512_set1_ps(-1.453_152));
         poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(1.421_413_8));
         poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(-0.284_496_74));
         poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(0.254_829_6));
         let tp = _mm512_mul_ps(t, poly);
         let erf_abs = _mm512_fnmadd_ps(tp, exp_neg(_mm512_mul_ps(a, a)), one);
-        // copysign(erf_abs, z)
+        // copysign(erf_abs, z), then 0.5 x (1 + erf) as one FMA
         let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
         let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
-        _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5), x), _mm512_add_ps(one, erf))
+        let half_x = _mm512_mul_ps(_mm512_set1_ps(0.5), x);
+        _mm512_fmadd_ps(half_x, erf, half_x)
     }
 
     /// e^-y for y >= 0, as `kernels::exp_neg`.
@@ -276,8 +289,7 @@ mod avx512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
         let e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        let pow2 = _mm512_slli_epi32::<23>(_mm512_castps_si512(_mm512_add_ps(n, _mm512_set1_ps(12_582_912.0 + 127.0))));
-        _mm512_mul_ps(e, _mm512_castsi512_ps(pow2))
+        _mm512_scalef_ps(e, n)
     }
 }
 
@@ -305,7 +317,7 @@ mod tests {
             rng ^= rng << 17;
             (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
-        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100)] {
+        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100), (9, 5, 48), (21, 8, 112)] {
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();

@@ -1,5 +1,6 @@
-//! The small loops around the GEMMs: patch gathering (im2col) for the strided and the 3x3
-//! convolutions, bias + activation epilogues, pooling. NHWC activations, rows = pixels.
+//! The small loops around the products: the `gemm` crate call of the portable path, bias +
+//! activation epilogues for it, and the patch gathering (im2col) of the partial convolution's
+//! edge pixels. NHWC activations, rows = pixels.
 //!
 //! The element-wise loops are written plainly and compiled three times (AVX-512, AVX2+FMA,
 //! baseline) behind runtime feature detection, so one binary runs on any x86-64 and uses the
@@ -104,12 +105,6 @@ pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     bias_act_generic(data, bias, act)
 }
 
-/// Where a tile of output rows sits: image `b`, pixel (`i`, `j`) of an `h` x `w` map.
-#[inline]
-pub fn pixel(row: usize, h: usize, w: usize) -> (usize, usize, usize) {
-    (row / (h * w), (row / w) % h, row % w)
-}
-
 /// 3x3, stride 1, zero padding 1 patches of the first `cp` channels of an NHWC map with `c`
 /// channels (`h` x `w` per image), for the pixels `cols` of global image row `g` (image * h +
 /// row); columns ordered (di, dj, channel).
@@ -123,45 +118,6 @@ pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, 
             } else {
                 let src = ((b * h + si) * w + sj) * c;
                 dst.copy_from_slice(&x[src..src + cp]);
-            }
-        }
-    }
-}
-
-/// Non-overlapping `p` x `p` patches (stride `p`) of an NHWC map (`h` x `w` x `c`) for output
-/// rows `rows` of the `h/p` x `w/p` result; columns ordered (di, dj, channel).
-pub fn im2col_patches_nhwc(x: &[f32], h: usize, w: usize, c: usize, p: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
-    let (oh, ow) = (h / p, w / p);
-    for (r, out) in rows.zip(col.chunks_exact_mut(p * p * c)) {
-        let (b, i, j) = pixel(r, oh, ow);
-        for di in 0..p {
-            let src = ((b * h + i * p + di) * w + j * p) * c;
-            out[di * p * c..(di + 1) * p * c].copy_from_slice(&x[src..src + p * c]);
-        }
-    }
-}
-
-/// Non-overlapping `P` x `P` patches of an NCHW image batch (`c` x `h` x `w`); columns
-/// ordered (channel, di, dj) like a PyTorch convolution weight. `P` is a constant so that the
-/// short row copies compile to moves rather than `memcpy` calls.
-pub fn im2col_patches_nchw<const P: usize>(x: &[f32], c: usize, h: usize, w: usize, rows: std::ops::Range<usize>, col: &mut [f32]) {
-    let (oh, ow) = (h / P, w / P);
-    let (mut b, mut i, mut j) = pixel(rows.start, oh, ow);
-    for out in col.chunks_exact_mut(c * P * P).take(rows.len()) {
-        for (ch, out) in out.chunks_exact_mut(P * P).enumerate() {
-            let plane = &x[((b * c + ch) * h + i * P) * w + j * P..];
-            for (di, dst) in out.chunks_exact_mut(P).enumerate() {
-                let dst: &mut [f32; P] = dst.try_into().unwrap();
-                *dst = plane[di * w..di * w + P].try_into().unwrap();
-            }
-        }
-        j += 1;
-        if j == ow {
-            j = 0;
-            i += 1;
-            if i == oh {
-                i = 0;
-                b += 1;
             }
         }
     }

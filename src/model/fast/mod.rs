@@ -192,21 +192,34 @@ impl FastEngine {
     /// The network on NCHW images `input`, tiles spread over `threads` threads (1: this one).
     fn forward_images(&self, input: &[f32], (batch, c, in_h, in_w): (usize, usize, usize, usize), threads: usize, features: &mut [f32], logits: &mut [f32]) {
         let [mut a, mut b] = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-        // Stem: 4x4 stride-4 patches straight from the NCHW input.
+        // Stem: 4x4 stride-4 patches straight from the NCHW input, one segment per (channel, row).
         let (mut h, mut w) = (in_h / 4, in_w / 4);
         let mut rows = batch * h * w;
         let stem = &self.stem;
-        self.dense_rows(grow(&mut a, rows * stem.w.n), rows, stem, threads, |r, col| kernels::im2col_patches_nchw::<4>(input, c, in_h, in_w, r, col));
+        self.strided_conv(grow(&mut a, rows * stem.w.n), batch * h, w, stem, threads, |row, list| {
+            let (b, i) = (row / h, row % h);
+            for ch in 0..c {
+                for di in 0..4 {
+                    list.push(Segment { ptr: input[((b * c + ch) * in_h + 4 * i + di) * in_w..].as_ptr(), stride: 4, k: 4 });
+                }
+            }
+        });
         let (mut cur, mut next) = (&mut a, &mut b);
         for stage in &self.stages {
             if let Some(m) = &stage.merge {
+                // 2x2 stride-2 patches of the NHWC map: one segment (two pixels) per patch row.
                 let cin = m.w.k / 4;
                 let src: &[f32] = cur;
                 let (ih, iw) = (h, w);
                 h /= 2;
                 w /= 2;
                 rows = batch * h * w;
-                self.dense_rows(grow(next, rows * m.w.n), rows, m, threads, |r, col| kernels::im2col_patches_nhwc(src, ih, iw, cin, 2, r, col));
+                self.strided_conv(grow(next, rows * m.w.n), batch * h, w, m, threads, |row, list| {
+                    let (b, i) = (row / h, row % h);
+                    for di in 0..2 {
+                        list.push(Segment { ptr: src[((b * ih + 2 * i + di) * iw) * cin..].as_ptr(), stride: 2 * cin, k: 2 * cin });
+                    }
+                });
                 std::mem::swap(&mut cur, &mut next);
             }
             for blk in &stage.blocks {
@@ -218,21 +231,23 @@ impl FastEngine {
         self.buffers.lock().unwrap_or_else(|e| e.into_inner()).push([a, b]);
     }
 
-    /// out (rows x n) = gather(rows) @ w + bias, by tiles.
-    fn dense_rows(&self, out: &mut [f32], rows: usize, d: &Dense, threads: usize, gather: impl Fn(Range<usize>, &mut [f32]) + Sync) {
-        let (k, n) = (d.w.k, d.w.n);
+    /// A strided, non-overlapping convolution (the stem, the merges): out (image_rows * w_out
+    /// x n) = A @ w + bias, where `segments(row, list)` lists where the patches of output image
+    /// row `row` are in the input (consecutive output pixels are a fixed stride apart there, so
+    /// nothing is gathered).
+    fn strided_conv(&self, out: &mut [f32], image_rows: usize, w_out: usize, d: &Dense, threads: usize, segments: impl Fn(usize, &mut Vec<Segment>) + Sync) {
+        let n = d.w.n;
         let out_ptr = Out(out.as_mut_ptr());
-        for_each_tile(threads, tiles(rows, k + n, 16, threads), |r| {
-            SCRATCH.with_borrow_mut(|[col, ..]| {
-                let col = grow(col, r.len() * k);
-                gather(r.clone(), col);
-                let out_ptr = out_ptr;
-                // SAFETY: tiles are disjoint row ranges of `out`; col covers the tile's rows.
-                unsafe {
-                    let a = [Segment { ptr: col.as_ptr(), stride: k, k }];
-                    matmul(r.len(), &a, &d.w, out_ptr.0.add(r.start * n), n, Epilogue::Bias(&d.bias, None));
-                }
-            })
+        for_each_tile(threads, tiles(image_rows, w_out * (d.w.k + n), 16usize.div_ceil(w_out), threads), |g| {
+            let mut list = Vec::new();
+            let out_ptr = out_ptr;
+            for row in g {
+                list.clear();
+                segments(row, &mut list);
+                // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments cover
+                // the row's w_out patches.
+                unsafe { matmul(w_out, &list, &d.w, out_ptr.0.add(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+            }
         });
     }
 
