@@ -1,7 +1,7 @@
 //! timm's eval transform, pixel for pixel: resize (antialiased, PIL-style filters), center
 //! crop, then ToTensor + Normalize.
 
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
 use super::{Interpolation, PreprocessConfig};
@@ -40,19 +40,22 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpol
     };
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let mut resizer = Resizer::new();
-    let mut pass = |src: Image<'static>, w: u32, h: u32| -> Image<'static> {
-        if (src.width(), src.height()) == (w, h) {
-            return src;
-        }
+    let mut pass = |src: &[u8], (sw, sh): (u32, u32), (w, h): (u32, u32)| -> Vec<u8> {
+        let src = ImageRef::new(sw, sh, src, PixelType::U8x3).expect("an RGB buffer has exactly width*height*3 bytes");
         let mut dst = Image::new(w, h, PixelType::U8x3);
         resizer.resize(&src, &mut dst, &options).expect("source and destination are both U8x3");
-        dst
+        dst.into_vec()
     };
-    let src = Image::from_vec_u8(image.width(), image.height(), image.as_raw().clone(), PixelType::U8x3)
-        .expect("an RgbImage buffer has exactly width*height*3 bytes");
-    let horizontal = pass(src, width, image.height());
-    let both = pass(horizontal, width, height);
-    RgbImage::from_raw(width, height, both.into_vec()).expect("destination buffer has the right size")
+    let source = (image.width(), image.height());
+    // PIL skips a pass whose axis keeps its size; so do we (and copy nothing then).
+    let horizontal = (source.0 != width).then(|| pass(image.as_raw(), source, (width, source.1)));
+    let rows: &[u8] = horizontal.as_deref().unwrap_or(image.as_raw());
+    let both = if source.1 != height {
+        pass(rows, (width, source.1), (width, height))
+    } else {
+        horizontal.unwrap_or_else(|| image.as_raw().clone())
+    };
+    RgbImage::from_raw(width, height, both).expect("destination buffer has the right size")
 }
 
 /// torchvision's CenterCrop: offsets round half to even; a crop larger than the image pads
@@ -66,14 +69,25 @@ pub fn center_crop(image: &RgbImage, width: u32, height: u32) -> RgbImage {
         }
     }
     let (left, top) = (offset(image.width(), width), offset(image.height(), height));
-    RgbImage::from_fn(width, height, |x, y| {
-        let (sx, sy) = (x as i64 + left, y as i64 + top);
-        if sx < 0 || sy < 0 || sx >= image.width() as i64 || sy >= image.height() as i64 {
-            image::Rgb([0, 0, 0])
-        } else {
-            *image.get_pixel(sx as u32, sy as u32)
+    let mut out = RgbImage::new(width, height);
+    // The overlap of the crop window and the image, copied row by row; the rest stays black.
+    let x0 = left.max(0);
+    let x1 = (left + width as i64).min(image.width() as i64);
+    if x1 <= x0 {
+        return out;
+    }
+    let span = (x1 - x0) as usize * 3;
+    let dst_x = (x0 - left) as usize * 3;
+    for y in 0..height as i64 {
+        let sy = y + top;
+        if sy < 0 || sy >= image.height() as i64 {
+            continue;
         }
-    })
+        let src = (sy as usize * image.width() as usize + x0 as usize) * 3;
+        let dst = y as usize * width as usize * 3 + dst_x;
+        out.as_mut()[dst..dst + span].copy_from_slice(&image.as_raw()[src..src + span]);
+    }
+    out
 }
 
 /// ToTensor + Normalize into a CHW f32 buffer.

@@ -42,7 +42,26 @@ pub enum Epilogue<'a> {
     Residual(*const f32),
 }
 
-/// A (k x n) weight matrix in the layout the product on this CPU wants.
+/// Which product code runs: chosen once per engine from the CPU's features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// Our AVX-512 microkernel on pre-packed panels.
+    Avx512,
+    /// The `gemm` crate (its own runtime dispatch) on row-major weights, separate epilogue.
+    Portable,
+}
+
+impl Kernels {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Self::Avx512;
+        }
+        Self::Portable
+    }
+}
+
+/// A (k x n) weight matrix in the layout its `Kernels` want.
 pub struct Weights {
     pub k: usize,
     pub n: usize,
@@ -52,9 +71,9 @@ pub struct Weights {
 
 impl Weights {
     /// `row_major`: (k x n).
-    pub fn new(k: usize, n: usize, row_major: Vec<f32>) -> Self {
+    pub fn new(k: usize, n: usize, row_major: Vec<f32>, kernels: Kernels) -> Self {
         assert_eq!(row_major.len(), k * n, "weight matrix shape");
-        if !avx512() {
+        if kernels == Kernels::Portable {
             return Self { k, n, data: row_major, packed: false };
         }
         // Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
@@ -82,17 +101,6 @@ fn panel_vectors(n: usize) -> impl Iterator<Item = usize> {
         v => (v / 2, None),
     };
     std::iter::repeat_n(2, pairs).chain(last)
-}
-
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// dst (m x n, row stride `dst_rs`) = epilogue([segments...] @ w).
@@ -307,7 +315,8 @@ mod tests {
         out
     }
 
-    /// Every row count 1..=12 and panel shape (32, 16, masked), two segments, all epilogues.
+    /// Every row count 1..=12 and panel shape (16, 32, 48, masked), two segments, all epilogues,
+    /// on this CPU's kernels and on the portable ones.
     #[test]
     fn matches_a_plain_product() {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -322,7 +331,8 @@ mod tests {
             let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
             let residual: Vec<f32> = (0..m * n).map(|_| next()).collect();
-            let w = Weights::new(k, n, wm.clone());
+            for kernels in [Kernels::detect(), Kernels::Portable] {
+            let w = Weights::new(k, n, wm.clone(), kernels);
             let want = reference(m, k, n, &a, &wm);
             let split = k / 3;
             let segments = [
@@ -343,8 +353,9 @@ mod tests {
                         Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
                         Epilogue::Residual(_) => p + residual[i],
                     };
-                    assert!((g - expect).abs() < 2e-5, "m={m} k={k} n={n} row {} col {c}: {g} vs {expect}", i / n);
+                    assert!((g - expect).abs() < 2e-5, "{kernels:?} m={m} k={k} n={n} row {} col {c}: {g} vs {expect}", i / n);
                 }
+            }
             }
         }
     }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use super::{Activation, ModelError, ModelOutput};
-use gemm::{matmul, Epilogue, Segment, Weights};
+use gemm::{matmul, Epilogue, Kernels, Segment, Weights};
 
 /// A dense layer: (k x n) weights and a bias.
 struct Dense {
@@ -102,23 +102,27 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// (out, in, kh, kw) -> ((di, dj, in) x out) for patches gathered from NHWC maps.
-fn conv_nhwc_matrix(w: &Tensor) -> Result<Weights, ModelError> {
+/// (out, in, kh, kw) -> ((di, dj, in) x out) for patches read from NHWC maps.
+fn conv_nhwc_matrix(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
     let (n, cin, kh, kw) = w.dims4()?;
-    Ok(Weights::new(cin * kh * kw, n, to_vec(&w.permute((2, 3, 1, 0))?.contiguous()?)?))
+    Ok(Weights::new(cin * kh * kw, n, to_vec(&w.permute((2, 3, 1, 0))?.contiguous()?)?, kernels))
 }
 
 /// (out, in, ...) -> (in x out).
-fn transpose(w: &Tensor) -> Result<Weights, ModelError> {
+fn transpose(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
     let w = w.flatten_from(1)?;
     let (n, k) = w.dims2()?;
-    Ok(Weights::new(k, n, to_vec(&w.t()?.contiguous()?)?))
+    Ok(Weights::new(k, n, to_vec(&w.t()?.contiguous()?)?, kernels))
 }
 
 impl FastEngine {
     pub fn new(w: &FasterNetWeights) -> Result<Self, ModelError> {
+        Self::with_kernels(w, Kernels::detect())
+    }
+
+    fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
         let dense = |conv: &FoldedConv, nhwc: bool| -> Result<Dense, ModelError> {
-            let w = if nhwc { conv_nhwc_matrix(&conv.weight)? } else { transpose(&conv.weight)? };
+            let w = if nhwc { conv_nhwc_matrix(&conv.weight, kernels)? } else { transpose(&conv.weight, kernels)? };
             Ok(Dense { w, bias: to_vec(&conv.bias)? })
         };
         let block = |b: &BlockWeights| -> Result<Block, ModelError> {
@@ -128,11 +132,11 @@ impl FastEngine {
                 dim,
                 cp,
                 hidden,
-                partial: conv_nhwc_matrix(&b.partial_conv)?,
+                partial: conv_nhwc_matrix(&b.partial_conv, kernels)?,
                 // fc1 as one product over [partial conv output, untouched channels].
-                fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?)?,
+                fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?, kernels)?,
                 fc1_bias: to_vec(&b.fc1_bias)?,
-                fc2: transpose(&b.fc2)?,
+                fc2: transpose(&b.fc2, kernels)?,
             })
         };
         let stages = w
@@ -150,8 +154,8 @@ impl FastEngine {
             act: w.config.act,
             stem: dense(&w.stem, false)?,
             stages,
-            head: Dense { w: transpose(&w.conv_head)?, bias: vec![0.0; features] },
-            classifier: Dense { w: transpose(&w.classifier_weight)?, bias: to_vec(&w.classifier_bias)? },
+            head: Dense { w: transpose(&w.conv_head, kernels)?, bias: vec![0.0; features] },
+            classifier: Dense { w: transpose(&w.classifier_weight, kernels)?, bias: to_vec(&w.classifier_bias)? },
             buffers: Mutex::new(Vec::new()),
         })
     }
@@ -319,6 +323,34 @@ impl FastEngine {
             matmul(batch, &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }], &self.head.w, features.as_mut_ptr(), f, Epilogue::Bias(&self.head.bias, Some(self.act)));
             let a = [Segment { ptr: features.as_ptr(), stride: f, k: f }];
             matmul(batch, &a, &self.classifier.w, logits.as_mut_ptr(), k, Epilogue::Bias(&self.classifier.bias, None));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FasterNetConfig, Variant};
+
+    /// The portable kernels against this CPU's (the AVX-512 microkernel where present), with
+    /// two threads so that every split runs: tiles shared by both threads (batch 1), whole
+    /// images per thread plus a shared remainder (batch 3), and only whole images (batch 4);
+    /// 32x45 also gives 1-pixel-wide maps in the last stage.
+    #[test]
+    fn portable_and_detected_kernels_agree_for_every_split() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for variant in [Variant::T0, Variant::T2] {
+            let weights = FasterNetWeights::random(&FasterNetConfig::preset(variant, 10), 7).unwrap();
+            let detected = FastEngine::new(&weights).unwrap();
+            let portable = FastEngine::with_kernels(&weights, Kernels::Portable).unwrap();
+            for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
+                let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
+                let (got, want) = pool.install(|| (detected.forward(&x).unwrap(), portable.forward(&x).unwrap()));
+                let (got, want) = (got.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-4 * scale, "{variant} {b}x{h}x{w}: {diff} (scale {scale})");
+            }
         }
     }
 }
