@@ -1,12 +1,16 @@
-//! The fast CPU path: the same folded weights as the reference, computed on NHWC activations.
+//! The fast CPU path: the same folded weights as the reference, computed on NHWC activations
+//! (rows = pixels) as products with pre-packed weights (`gemm`), every operand read in place.
 //!
-//! - Stem and patch merging: non-overlapping patches gathered into rows, one GEMM each.
-//! - Each block runs over tiles of pixels that stay in L2: the partial 3x3 convolution
-//!   (im2col of the first dim/4 channels + GEMM) writes its channels in place into a copy of
-//!   the input tile (nothing is concatenated), fc1 is one GEMM over that tile, bias +
-//!   activation run in cache, and fc2 accumulates onto the input tile (the residual).
-//! - Tiles run in parallel on rayon's pool; each GEMM inside a tile is single-threaded, so
-//!   there is one level of parallelism and no spinning barrier between ops.
+//! - Stem and patch merging: the patches of an output row are fixed-stride segments of the
+//!   input (12 for the 4x4 stem on NCHW, 2 for a 2x2 merge on NHWC): one product per row.
+//! - Each block runs over tiles of whole image rows that stay in L2: the partial 3x3
+//!   convolution of a row's inner pixels is nine shifted segments of the input (only the two
+//!   edge pixels, whose windows reach into the padding, are gathered) into a cp-wide scratch
+//!   tile; fc1 reads that and the untouched channels as two segments, with bias + activation
+//!   as its epilogue; fc2 adds the residual in its epilogue, straight into the output map.
+//! - With at least as many images as threads, each thread runs whole images on its own;
+//!   otherwise tiles run on rayon's pool. Either way there is one level of parallelism and
+//!   each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 
 mod gemm;
@@ -80,9 +84,9 @@ fn for_each_tile(threads: usize, tiles: Vec<Range<usize>>, f: impl Fn(Range<usiz
 }
 
 thread_local! {
-    /// Per-thread tile scratch: gathered patches, the partial convolution's output and the
-    /// hidden activations.
-    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// Per-thread tile scratch: gathered edge patches and their outputs, the partial
+    /// convolution's output and the hidden activations.
+    static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 /// Raw output pointer shared by tiles that write disjoint rows.
@@ -269,9 +273,11 @@ impl FastEngine {
         let act = self.act;
         let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
         for_each_tile(threads, tiles(image_rows, w * (b.hidden + 2 * dim + cp), 16usize.div_ceil(w), threads), |g| {
-            SCRATCH.with_borrow_mut(|[col, mixed, hidden]| {
+            SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
                 let n = g.len() * w;
-                let col = grow(col, edges.len() * 9 * cp);
+                let edge_rows = g.len() * edges.len();
+                let col = grow(col, edge_rows * 9 * cp);
+                let edge_out = grow(edge_out, edge_rows * cp);
                 let mixed = grow(mixed, n * cp);
                 let hidden = grow(hidden, n * b.hidden);
                 let x_tile = x[g.start * w * dim..].as_ptr();
@@ -282,7 +288,6 @@ impl FastEngine {
                 unsafe {
                     for (t, row) in g.clone().enumerate() {
                         let i = row % h;
-                        let mixed_row = mixed[t * w * cp..].as_mut_ptr();
                         if w > 2 {
                             let taps: [Segment; 9] = std::array::from_fn(|tap| {
                                 let (di, dj) = (tap / 3, tap % 3);
@@ -292,11 +297,17 @@ impl FastEngine {
                                     Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
                                 }
                             });
-                            matmul(w - 2, &taps, &b.partial, mixed_row.add(cp), cp, Epilogue::Store);
+                            matmul(w - 2, &taps, &b.partial, mixed[(t * w + 1) * cp..].as_mut_ptr(), cp, Epilogue::Store);
                         }
-                        kernels::im2col_3x3(x, h, w, dim, cp, row, edges, col);
-                        let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
-                        matmul(edges.len(), &patches, &b.partial, mixed_row, (w - 1).max(1) * cp, Epilogue::Store);
+                        kernels::im2col_3x3(x, h, w, dim, cp, row, edges, &mut col[t * edges.len() * 9 * cp..]);
+                    }
+                    // The edge pixels of all the tile's rows in one product, then into place.
+                    let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
+                    matmul(edge_rows, &patches, &b.partial, edge_out.as_mut_ptr(), cp, Epilogue::Store);
+                    for (t, out) in edge_out.chunks_exact(edges.len() * cp).enumerate() {
+                        for (&j, px) in edges.iter().zip(out.chunks_exact(cp)) {
+                            mixed[(t * w + j) * cp..(t * w + j + 1) * cp].copy_from_slice(px);
+                        }
                     }
                     let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
                     matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, Epilogue::Bias(&b.fc1_bias, Some(act)));
