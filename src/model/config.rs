@@ -151,7 +151,7 @@ impl FasterNetConfig {
         if self.n_div == 0 || self.embed_dim < self.n_div {
             return Err(format!("n_div {} must be in 1..=embed_dim {}", self.n_div, self.embed_dim));
         }
-        if self.depths.iter().any(|&d| d == 0) {
+        if self.depths.contains(&0) {
             return Err(format!("every stage needs at least one block, got depths {:?}", self.depths));
         }
         if self.hidden_dim(self.embed_dim) == 0 {

@@ -108,6 +108,7 @@ pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
 /// 3x3, stride 1, zero padding 1 patches of the first `cp` channels of an NHWC map with `c`
 /// channels (`h` x `w` per image), for the pixels `cols` of global image row `g` (image * h +
 /// row); columns ordered (di, dj, channel).
+#[allow(clippy::too_many_arguments)]
 pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, cols: &[usize], out: &mut [f32]) {
     let (b, i) = (g / h, g % h);
     for (&j, out) in cols.iter().zip(out.chunks_exact_mut(9 * cp)) {

@@ -95,6 +95,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The output `offset` floats in (a method, so closures capture the whole `Out`).
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
 fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if v.len() < len {
         v.resize(len, 0.0);
@@ -248,13 +255,12 @@ impl FastEngine {
         let out_ptr = Out(out.as_mut_ptr());
         for_each_tile(threads, tiles(image_rows, w_out * (d.w.k + n), 16usize.div_ceil(w_out), threads), |g| {
             let mut list = Vec::new();
-            let out_ptr = out_ptr;
             for row in g {
                 list.clear();
                 segments(row, &mut list);
                 // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments cover
                 // the row's w_out patches.
-                unsafe { matmul(w_out, &list, &d.w, out_ptr.0.add(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+                unsafe { matmul(w_out, &list, &d.w, out_ptr.at(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
             }
         });
     }
@@ -281,7 +287,6 @@ impl FastEngine {
                 let mixed = grow(mixed, n * cp);
                 let hidden = grow(hidden, n * b.hidden);
                 let x_tile = x[g.start * w * dim..].as_ptr();
-                let out_ptr = out_ptr;
                 // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias; the
                 // scratch tiles cover the tile's rows; a tap's segment is skipped where its rows
                 // would leave the image.
@@ -312,7 +317,7 @@ impl FastEngine {
                     let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
                     matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, Epilogue::Bias(&b.fc1_bias, Some(act)));
                     let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
-                    matmul(n, &hidden, &b.fc2, out_ptr.0.add(g.start * w * dim), dim, Epilogue::Residual(x_tile));
+                    matmul(n, &hidden, &b.fc2, out_ptr.at(g.start * w * dim), dim, Epilogue::Residual(x_tile));
                 }
             })
         });
