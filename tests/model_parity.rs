@@ -211,14 +211,14 @@ fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
 /// batch sizes.
 #[test]
 fn fast_engine_matches_the_reference_for_every_variant() {
+    // Two threads whatever the machine, so that batch 1 runs tiles shared by both threads,
+    // batch 3 whole images per thread plus a shared remainder, batch 4 whole images only.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (i, variant) in Variant::ALL.into_iter().enumerate() {
         let config = FasterNetConfig::preset(variant, 100);
         let weights = FasterNetWeights::random(&config, i as u64).unwrap();
         let reference = FasterNet::with_engine(weights.clone(), Engine::Reference).unwrap();
         let fast = FasterNet::with_engine(weights, Engine::Fast).unwrap();
-        // Two threads whatever the machine, so that batch 1 runs tiles shared by both threads,
-        // batch 3 whole images per thread plus a shared remainder, batch 4 whole images only.
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
             let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
             let (want, got) = (reference.forward(&x).unwrap(), pool.install(|| fast.forward(&x).unwrap()));

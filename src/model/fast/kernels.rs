@@ -35,17 +35,25 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
     a.mul_add(b, c)
 }
 
-/// Exact-erf GELU to ~2e-7: Abramowitz & Stegun 7.1.26 for erf, a Cephes-style polynomial for
-/// exp. Branch-free so that it vectorises.
+/// Abramowitz & Stegun 7.1.26: erf(a) = 1 - t (A1 + t (A2 + ...)) e^(-a^2), t = 1 / (1 + P a),
+/// |error| <= 1.5e-7. Shared with the AVX-512 epilogue (`gemm::avx512::gelu`).
+pub(super) const ERF_P: f32 = 0.327_591_1;
+pub(super) const ERF_A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152, 1.061_405_4];
+/// e^x = 2^n e^r with r = x - n ln 2, ln 2 split in two for exactness (Cephes expf), and
+/// e^r = 1 + r + r^2 (P0 + r (P1 + ...)) for |r| <= ln 2 / 2; x is clamped at EXP_MIN.
+pub(super) const EXP_MIN: f32 = -87.0;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const EXP_P: [f32; 6] = [0.5, 0.166_666_65, 4.166_579_6e-2, 8.333_452e-3, 1.398_2e-3, 1.987_569_1e-4];
+
+/// Exact-erf GELU to ~2e-7 (A&S 7.1.26 for erf, a Cephes-style exp). Branch-free so that it
+/// vectorises.
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
-    let t = 1.0 / fma(0.327_591_1, a, 1.0);
-    let poly = fma(t, 1.061_405_4, -1.453_152);
-    let poly = fma(t, poly, 1.421_413_8);
-    let poly = fma(t, poly, -0.284_496_74);
-    let poly = fma(t, poly, 0.254_829_6);
+    let t = 1.0 / fma(ERF_P, a, 1.0);
+    let poly = ERF_A[..4].iter().rev().fold(ERF_A[4], |p, &c| fma(t, p, c));
     let erf_abs = fma(-(t * poly), exp_neg(a * a), 1.0);
     0.5 * x * (1.0 + erf_abs.copysign(z))
 }
@@ -53,15 +61,11 @@ fn gelu(x: f32) -> f32 {
 /// e^-y for y >= 0 (clamped where e^-y underflows anyway).
 #[inline(always)]
 fn exp_neg(y: f32) -> f32 {
-    let x = (-y).max(-87.0);
+    let x = (-y).max(EXP_MIN);
     let n = fma(x, std::f32::consts::LOG2_E, 0.5).floor();
-    let r = fma(n, -0.693_359_4, x);
-    let r = fma(n, 2.121_944_4e-4, r);
-    let p = fma(1.987_569_1e-4, r, 1.398_2e-3);
-    let p = fma(p, r, 8.333_452e-3);
-    let p = fma(p, r, 4.166_579_6e-2);
-    let p = fma(p, r, 0.166_666_65);
-    let p = fma(p, r, 0.5);
+    let r = fma(n, -LN2_HI, x);
+    let r = fma(n, -LN2_LO, r);
+    let p = EXP_P[..5].iter().rev().fold(EXP_P[5], |p, &c| fma(p, r, c));
     let e = fma(p * r, r, r + 1.0);
     // 2^n without a float-to-int cast (Rust's saturating `as` does not vectorise): adding
     // 1.5 * 2^23 leaves n + 127 in the low mantissa bits, which the shift moves into the exponent.
