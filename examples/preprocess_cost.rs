@@ -7,6 +7,10 @@ use std::time::Instant;
 
 use fasternet_serve::preprocess::{decode, transform, PreprocessConfig, Preprocessor};
 
+/// The service's allocator (see src/main.rs): glibc's malloc would add page faults per image.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().expect("usage: preprocess_cost IMAGE [INPUT_SIZE] [CROP_PCT]");

@@ -154,7 +154,7 @@ unsafe fn portable(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::kernels::{ERF_A, ERF_P, EXP_MIN, EXP_P, LN2_HI, LN2_LO};
+    use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
     use super::{panel_vectors, Activation, Epilogue, Segment, Weights};
 
     #[target_feature(enable = "avx512f")]
@@ -261,48 +261,25 @@ mod avx512 {
     }
 
     /// The same exact-erf GELU as `kernels::gelu` (same coefficients), on 16 lanes; the
-    /// division is a reciprocal estimate refined by one Newton step (full single precision)
-    /// and 2^n is `vscalefps`.
+    /// division is a reciprocal estimate refined by one Newton step (full single precision).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn gelu(x: __m512) -> __m512 {
-        let one = _mm512_set1_ps(1.0);
-        let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-        let a = _mm512_abs_ps(z);
-        let d = _mm512_fmadd_ps(_mm512_set1_ps(ERF_P), a, one);
-        let r = _mm512_rcp14_ps(d);
-        let t = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)));
-        let mut poly = _mm512_set1_ps(ERF_A[4]);
-        for &c in ERF_A[..4].iter().rev() {
-            poly = _mm512_fmadd_ps(t, poly, _mm512_set1_ps(c));
+        let c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-ERF_CLAMP)), _mm512_set1_ps(ERF_CLAMP));
+        let c2 = _mm512_mul_ps(c, c);
+        let mut p = _mm512_set1_ps(ERF_NUM[6]);
+        for &k in ERF_NUM[..6].iter().rev() {
+            p = _mm512_fmadd_ps(c2, p, _mm512_set1_ps(k));
         }
-        let tp = _mm512_mul_ps(t, poly);
-        let erf_abs = _mm512_fnmadd_ps(tp, exp_neg(_mm512_mul_ps(a, a)), one);
-        // copysign(erf_abs, z), then 0.5 x (1 + erf) as one FMA
-        let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
-        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
+        let mut q = _mm512_set1_ps(ERF_DEN[4]);
+        for &k in ERF_DEN[..4].iter().rev() {
+            q = _mm512_fmadd_ps(c2, q, _mm512_set1_ps(k));
+        }
+        let r = _mm512_rcp14_ps(q);
+        let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0)));
+        let erf = _mm512_mul_ps(_mm512_mul_ps(c, p), r);
         let half_x = _mm512_mul_ps(_mm512_set1_ps(0.5), x);
         _mm512_fmadd_ps(half_x, erf, half_x)
-    }
-
-    /// e^-y for y >= 0, as `kernels::exp_neg`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp_neg(y: __m512) -> __m512 {
-        let x = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), y), _mm512_set1_ps(EXP_MIN));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-            _mm512_set1_ps(0.5),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        let mut p = _mm512_set1_ps(EXP_P[5]);
-        for &c in EXP_P[..5].iter().rev() {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
-        _mm512_scalef_ps(e, n)
     }
 }
 
