@@ -345,6 +345,26 @@ mod tests {
         }
     }
 
+    /// The GELU epilogue of this CPU's kernels against the portable one (itself checked against
+    /// the f64 definition in `kernels::tests`) from -12 to 12, past the erf clamp at +-5.66.
+    #[test]
+    fn gelu_epilogue_agrees_with_the_portable_one_over_a_wide_range() {
+        let xs: Vec<f32> = (-1200..=1200).map(|i| i as f32 / 100.0).collect();
+        let (m, n) = (xs.len(), 16);
+        let bias = vec![0f32; n];
+        let out = |kernels| {
+            let w = Weights::new(1, n, vec![1.0; n], kernels);
+            let mut got = vec![f32::NAN; m * n];
+            let a = [Segment { ptr: xs.as_ptr(), stride: 1, k: 1 }];
+            unsafe { matmul(m, &a, &w, got.as_mut_ptr(), n, Epilogue::Bias(&bias, Some(Activation::Gelu))) };
+            got
+        };
+        let (detected, portable) = (out(Kernels::detect()), out(Kernels::Portable));
+        for (i, (d, p)) in detected.iter().zip(&portable).enumerate() {
+            assert!((d - p).abs() <= 1e-6 * p.abs().max(1.0), "x = {}: {d} vs {p}", xs[i / n]);
+        }
+    }
+
     /// erf by its Taylor series (|x| is small here).
     fn libm_erf(x: f64) -> f64 {
         let (mut sum, mut term) = (x, x);
