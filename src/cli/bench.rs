@@ -26,7 +26,7 @@ pub struct BenchArgs {
     seconds: f64,
     #[arg(long, env = "FASTERNET_NUM_CLASSES", default_value_t = 1000)]
     num_classes: usize,
-    /// Forward-pass implementation: fast or reference.
+    /// Forward-pass implementation: fast, fast-bf16 or reference.
     #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
     engine: Engine,
 }

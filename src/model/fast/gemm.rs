@@ -6,7 +6,9 @@
 //! that width so that every weight load is one full vector, and the activations broadcast
 //! straight from their rows (no packing of the left operand, whose tiles the caller keeps in
 //! L2). Any other CPU gets the `gemm` crate on the row-major weights and a separate epilogue
-//! pass: the same results within rounding.
+//! pass: the same results within rounding. Where the CPU has AVX512-BF16, the same tiles can
+//! run on bf16 operands (`vdpbf16ps`: two products per lane and instruction, summed in fp32):
+//! weights are converted once at load time, each product's left operand when it runs.
 //!
 //! The left operand may be split into column segments read from different places: fc1 reads
 //! the partial convolution's output for the first channels and the untouched input channels
@@ -47,11 +49,15 @@ pub enum Kernels {
     /// Our AVX-512 microkernel on pre-packed panels.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
+    /// The same microkernel on bf16 operands with fp32 accumulators (AVX512-BF16).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512Bf16,
     /// The `gemm` crate (its own runtime dispatch) on row-major weights, separate epilogue.
     Portable,
 }
 
 impl Kernels {
+    /// The fastest fp32 kernels this CPU runs.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -59,15 +65,35 @@ impl Kernels {
         }
         Self::Portable
     }
+
+    /// bf16 kernels, where the CPU has them.
+    pub fn detect_bf16() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            return Some(Self::Avx512Bf16);
+        }
+        None
+    }
 }
 
 /// A (k x n) weight matrix in the layout its `Kernels` want.
 pub struct Weights {
     pub k: usize,
     pub n: usize,
-    data: Vec<f32>,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    packed: bool,
+    data: Layout,
+}
+
+enum Layout {
+    RowMajor(Vec<f32>),
+    /// Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
+    Panels(Vec<f32>),
+    /// The same panels in bf16 with rows in pairs: per pair (2i, 2i + 1), each column's two
+    /// values side by side, the operand layout of `vdpbf16ps`; an odd k gets a zero row.
+    PanelsBf16(Vec<u16>),
 }
 
 impl Weights {
@@ -75,19 +101,37 @@ impl Weights {
     pub fn new(k: usize, n: usize, row_major: Vec<f32>, kernels: Kernels) -> Self {
         assert_eq!(row_major.len(), k * n, "weight matrix shape");
         if kernels == Kernels::Portable {
-            return Self { k, n, data: row_major, packed: false };
+            return Self { k, n, data: Layout::RowMajor(row_major) };
         }
-        // Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
-        let mut data = Vec::with_capacity(k * n.div_ceil(16) * 16);
-        let mut j0 = 0;
-        for width in panel_vectors(n).map(|v| 16 * v) {
-            for row in row_major.chunks_exact(n) {
-                data.extend((j0..j0 + width).map(|j| row.get(j).copied().unwrap_or(0.0)));
+        let at = |i: usize, j: usize| if i < k && j < n { row_major[i * n + j] } else { 0.0 };
+        let panels = || panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)));
+        let data = if kernels == Kernels::Avx512Bf16 {
+            let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
+            for (j0, width) in panels() {
+                for i in (0..k).step_by(2) {
+                    for j in j0..j0 + width {
+                        data.extend([bf16(at(i, j)), bf16(at(i + 1, j))]);
+                    }
+                }
             }
-            j0 += width;
-        }
-        Self { k, n, data, packed: true }
+            Layout::PanelsBf16(data)
+        } else {
+            let mut data = Vec::with_capacity(k * n.div_ceil(16) * 16);
+            for (j0, width) in panels() {
+                for i in 0..k {
+                    data.extend((j0..j0 + width).map(|j| at(i, j)));
+                }
+            }
+            Layout::Panels(data)
+        };
+        Self { k, n, data }
     }
+}
+
+/// f32 to bf16, rounding to nearest even (as `vcvtneps2bf16` does for finite values).
+fn bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Widths, in vectors of 16 columns, of the panels that cover `n` columns: pairs (32 columns,
@@ -114,14 +158,18 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs
     if m == 0 || w.n == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if w.packed {
-        return avx512::matmul(m, a, w, dst, dst_rs, epilogue);
+    match &w.data {
+        Layout::RowMajor(data) => portable(m, a, w, data, dst, dst_rs, epilogue),
+        #[cfg(target_arch = "x86_64")]
+        Layout::Panels(data) => avx512::matmul(m, a, w, data, dst, dst_rs, epilogue),
+        #[cfg(target_arch = "x86_64")]
+        Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
+        #[cfg(not(target_arch = "x86_64"))]
+        Layout::Panels(_) | Layout::PanelsBf16(_) => unreachable!("AVX-512 kernels are only selected on x86-64"),
     }
-    portable(m, a, w, dst, dst_rs, epilogue)
 }
 
-unsafe fn portable(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+unsafe fn portable(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
     let n = w.n;
     let mut accumulate = false;
     if let Epilogue::Residual(res) = epilogue {
@@ -133,7 +181,7 @@ unsafe fn portable(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: 
     let mut k0 = 0;
     for s in a {
         if !s.ptr.is_null() {
-            kernels::matmul(m, n, s.k, dst, dst_rs, accumulate, s.ptr, s.stride, w.data[k0 * n..].as_ptr());
+            kernels::matmul(m, n, s.k, dst, dst_rs, accumulate, s.ptr, s.stride, data[k0 * n..].as_ptr());
             accumulate = true;
         }
         k0 += s.k;
@@ -157,40 +205,132 @@ mod avx512 {
     use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
     use super::{panel_vectors, Activation, Epilogue, Segment, Weights};
 
+    /// Calls `tile::<R, NV>` for the (rows, vectors) of a tile: R up to 12 (8 for 3 vectors).
+    macro_rules! dispatch {
+        ($rows:expr, $vectors:expr, $tile:ident $args:tt) => {
+            dispatch!(@ $rows, $vectors, $tile $args; 1 2 3 4 5 6 7 8 9 10 11 12; 1 2 3 4 5 6 7 8)
+        };
+        (@ $rows:expr, $vectors:expr, $tile:ident $args:tt; $($r:literal)*; $($r3:literal)*) => {
+            match ($rows, $vectors) {
+                $(($r, 1) => $tile::<$r, 1> $args, ($r, 2) => $tile::<$r, 2> $args,)*
+                $(($r3, 3) => $tile::<$r3, 3> $args,)*
+                _ => unreachable!(),
+            }
+        };
+    }
+
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
-        let mut panel = w.data.as_ptr();
+    pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+            let panel = data.as_ptr().add(at.j0 * w.k);
+            dispatch!(rows, vectors, tile(a, panel, at, epilogue))
+        });
+    }
+
+    thread_local! {
+        /// The bf16 copy of a product's left operand.
+        static LEFT_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// As `matmul`, on bf16 operands: the segments are converted into one bf16 row per input
+    /// row first (zero segments and an odd k's pad as zeros), then each tile multiplies pairs.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub unsafe fn matmul_bf16(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        let kp = w.k.next_multiple_of(2);
+        LEFT_BF16.with_borrow_mut(|left| {
+            if left.len() < m * kp {
+                left.resize(m * kp, 0);
+            }
+            for r in 0..m {
+                let mut row = left.as_mut_ptr().add(r * kp);
+                for s in a {
+                    if s.ptr.is_null() {
+                        row.write_bytes(0, s.k);
+                    } else {
+                        to_bf16(s.ptr.add(r * s.stride), s.k, row);
+                    }
+                    row = row.add(s.k);
+                }
+                if w.k % 2 == 1 {
+                    row.write(0);
+                }
+            }
+            let left = left.as_ptr();
+            for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+                let panel = data.as_ptr().add(at.j0 * kp);
+                dispatch!(rows, vectors, tile_bf16(left, kp, panel, at, epilogue))
+            });
+        });
+    }
+
+    /// k floats at `src` to bf16 at `dst`, rounding to nearest even.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    unsafe fn to_bf16(src: *const f32, k: usize, dst: *mut u16) {
+        let mut i = 0;
+        while i + 16 <= k {
+            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i))));
+            _mm256_storeu_si256(dst.add(i) as *mut __m256i, v);
+            i += 16;
+        }
+        if i < k {
+            let mask = (1u16 << (k - i)) - 1;
+            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(i))));
+            _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, mask, v);
+        }
+    }
+
+    /// The register tiles of an m x n product, panel by panel: `run(rows, vectors, tile)`.
+    /// As few row tiles per panel as the register budget allows, of near-equal height: 26
+    /// rows run as 9 + 9 + 8, not 12 + 12 + 2 (a 2-row tile has too few independent
+    /// accumulators to keep both FMA pipes busy).
+    unsafe fn for_each_tile(m: usize, n: usize, dst: *mut f32, dst_rs: usize, mut run: impl FnMut(usize, usize, &Tile)) {
         let mut j0 = 0;
-        for vectors in panel_vectors(w.n) {
+        for vectors in panel_vectors(n) {
             let width = 16 * vectors;
-            let valid = (w.n - j0).min(width);
+            let valid = (n - j0).min(width);
             // Lanes of the panel's last vector that hold real columns.
             let mask: __mmask16 = if valid % 16 == 0 { 0xffff } else { (1u16 << (valid % 16)) - 1 };
-            // As few row tiles as the register budget allows, of near-equal height: 26 rows
-            // run as 9 + 9 + 8, not 12 + 12 + 2 (a 2-row tile has too few independent
-            // accumulators to keep both FMA pipes busy).
             let max_rows = if vectors == 3 { 8 } else { 12 };
             let count = m.div_ceil(max_rows);
             let mut r0 = 0;
             for t in 0..count {
                 let rows = m / count + usize::from(t < m % count);
-                let at = Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask };
-                macro_rules! dispatch {
-                    ($($r:literal)*; $($r3:literal)*) => {
-                        match (rows, vectors) {
-                            $(($r, 1) => tile::<$r, 1>(a, panel, &at, epilogue),
-                              ($r, 2) => tile::<$r, 2>(a, panel, &at, epilogue),)*
-                            $(($r3, 3) => tile::<$r3, 3>(a, panel, &at, epilogue),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                dispatch!(1 2 3 4 5 6 7 8 9 10 11 12; 1 2 3 4 5 6 7 8);
+                run(rows, vectors, &Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask });
                 r0 += rows;
             }
-            panel = panel.add(w.k * width);
             j0 += width;
         }
+    }
+
+    /// The epilogue, on the accumulators of one tile, into `t.dst`. A macro, not a function:
+    /// a call would pass the 24 accumulators through memory.
+    macro_rules! store {
+        ($acc:expr, $t:expr, $epilogue:expr, $nv:expr) => {{
+            let t: &Tile = $t;
+            for (r, acc) in $acc.iter().enumerate() {
+                let dst = t.dst.add(r * t.dst_rs);
+                for (v, &sum) in acc.iter().enumerate() {
+                    let mask = if v == $nv - 1 { t.mask } else { 0xffff };
+                    let col = t.j0 + 16 * v;
+                    let out = match $epilogue {
+                        Epilogue::Store => sum,
+                        Epilogue::Bias(bias, act) => {
+                            let x = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
+                            match act {
+                                None => x,
+                                Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
+                                Some(Activation::Gelu) => gelu(x),
+                            }
+                        }
+                        Epilogue::Residual(res) => {
+                            _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, res.add((t.r0 + r) * t.dst_rs + col)))
+                        }
+                    };
+                    _mm512_mask_storeu_ps(dst.add(16 * v), mask, out);
+                }
+            }
+        }};
     }
 
     struct Tile {
@@ -214,28 +354,32 @@ mod avx512 {
             }
             wp = wp.add(16 * NV * s.k);
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let dst = t.dst.add(r * t.dst_rs);
-            for (v, &sum) in acc.iter().enumerate() {
-                let mask = if v == NV - 1 { t.mask } else { 0xffff };
-                let col = t.j0 + 16 * v;
-                let out = match epilogue {
-                    Epilogue::Store => sum,
-                    Epilogue::Bias(bias, act) => {
-                        let x = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
-                        match act {
-                            None => x,
-                            Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
-                            Some(Activation::Gelu) => gelu(x),
-                        }
-                    }
-                    Epilogue::Residual(res) => {
-                        _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, res.add((t.r0 + r) * t.dst_rs + col)))
-                    }
-                };
-                _mm512_mask_storeu_ps(dst.add(16 * v), mask, out);
+        store!(acc, t, epilogue, NV);
+    }
+
+    /// `tile` on the bf16 left operand (rows of kp values) and a bf16 panel.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_bf16<const R: usize, const NV: usize>(left: *const u16, kp: usize, panel: *const u16, t: &Tile, epilogue: Epilogue) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; R];
+        let mut rowp = left.add(t.r0 * kp);
+        let mut wp = panel;
+        for _ in 0..kp / 2 {
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_si512(wp.add(32 * v) as *const _);
             }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // One row's pair of bf16 values in every 32-bit lane.
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32((rowp.add(r * kp) as *const i32).read_unaligned()));
+                for v in 0..NV {
+                    acc[v] = _mm512_dpbf16_ps(acc[v], x, std::mem::transmute::<__m512i, __m512bh>(wv[v]));
+                }
+            }
+            rowp = rowp.add(2);
+            wp = wp.add(32 * NV);
         }
+        store!(acc, t, epilogue, NV);
     }
 
     /// acc += (R rows of k values at `rowp`, row stride `stride`) @ (k x 16 NV panel at `wp`).
@@ -298,7 +442,8 @@ mod tests {
     }
 
     /// Every row count 1..=12 and panel shape (16, 32, 48, masked), three segments (the middle
-    /// one zeros), all epilogues, on this CPU's kernels and on the portable ones.
+    /// one zeros), odd and even k, all epilogues, on this CPU's kernels (fp32 and, where it
+    /// has them, bf16) and on the portable ones.
     #[test]
     fn matches_a_plain_product() {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -321,13 +466,17 @@ mod tests {
             ];
             // What the zero segment stands for.
             a.chunks_exact_mut(k).for_each(|row| row[s1..s2].fill(0.0));
-            let want = reference(m, k, n, &a, &wm);
-            for kernels in [Kernels::detect(), Kernels::Portable] {
+            let exact = reference(m, k, n, &a, &wm);
+            // bf16 kernels: exactly the product of the operands rounded to bf16.
+            let round = |v: &[f32]| v.iter().map(|&x| f32::from_bits((bf16(x) as u32) << 16)).collect::<Vec<_>>();
+            let rounded = reference(m, k, n, &round(&a), &round(&wm));
+            for kernels in [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::detect_bf16()) {
+                let want = if kernels == Kernels::Avx512Bf16 { &rounded } else { &exact };
                 let w = Weights::new(k, n, wm.clone(), kernels);
                 for epilogue in [Epilogue::Store, Epilogue::Bias(&bias, Some(Activation::Gelu)), Epilogue::Bias(&bias, Some(Activation::Relu)), Epilogue::Residual(residual.as_ptr())] {
                     let mut got = vec![f32::NAN; m * n];
                     unsafe { matmul(m, &segments, &w, got.as_mut_ptr(), n, epilogue) };
-                    for (i, (&g, &p)) in got.iter().zip(&want).enumerate() {
+                    for (i, (&g, &p)) in got.iter().zip(want).enumerate() {
                         let c = i % n;
                         let expect = match epilogue {
                             Epilogue::Store => p,

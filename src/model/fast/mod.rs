@@ -131,8 +131,18 @@ impl FastEngine {
         Self::with_kernels(w, Kernels::detect())
     }
 
+    /// The network body's products on bf16 operands (fp32 accumulation, fp32 activations
+    /// between layers). The stem (2% of the work, and its 4-wide input segments would cost
+    /// more to convert than they save), the head and the classifier (under 1%) stay fp32.
+    pub fn new_bf16(w: &FasterNetWeights) -> Result<Self, ModelError> {
+        let kernels = Kernels::detect_bf16()
+            .ok_or_else(|| ModelError::Config("the fast-bf16 engine needs a CPU with AVX512-BF16; this one has none (use the fast engine)".into()))?;
+        Self::with_kernels(w, kernels)
+    }
+
     fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
-        let dense = |conv: &FoldedConv, nhwc: bool| -> Result<Dense, ModelError> {
+        let fp32 = if kernels == Kernels::Avx512Bf16 { Kernels::Avx512 } else { kernels };
+        let dense = |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
             let w = if nhwc { conv_nhwc_matrix(&conv.weight, kernels)? } else { transpose(&conv.weight, kernels)? };
             Ok(Dense { w, bias: to_vec(&conv.bias)? })
         };
@@ -155,7 +165,7 @@ impl FastEngine {
             .iter()
             .map(|s| {
                 Ok(Stage {
-                    merge: s.downsample.as_ref().map(|d| dense(d, true)).transpose()?,
+                    merge: s.downsample.as_ref().map(|d| dense(d, true, kernels)).transpose()?,
                     blocks: s.blocks.iter().map(block).collect::<Result<_, ModelError>>()?,
                 })
             })
@@ -163,10 +173,10 @@ impl FastEngine {
         let features = w.classifier_weight.dim(1)?;
         Ok(Self {
             act: w.config.act,
-            stem: dense(&w.stem, false)?,
+            stem: dense(&w.stem, false, fp32)?,
             stages,
-            head: Dense { w: transpose(&w.conv_head, kernels)?, bias: vec![0.0; features] },
-            classifier: Dense { w: transpose(&w.classifier_weight, kernels)?, bias: to_vec(&w.classifier_bias)? },
+            head: Dense { w: transpose(&w.conv_head, fp32)?, bias: vec![0.0; features] },
+            classifier: Dense { w: transpose(&w.classifier_weight, fp32)?, bias: to_vec(&w.classifier_bias)? },
             buffers: Mutex::new(Vec::new()),
         })
     }
