@@ -279,9 +279,9 @@ impl FastEngine {
     /// The partial convolution of a row's inner pixels reads the input directly as nine shifted
     /// segments (taps above the first or below the last row are skipped); only the two edge
     /// pixels of each row, whose windows reach into the zero padding, are gathered (im2col),
-    /// all of the tile's in one product. It writes a scratch tile of cp channels; fc1 reads that and the untouched input channels as two
-    /// segments of one product (nothing is concatenated); bias + activation are fc1's epilogue
-    /// and the residual add is fc2's.
+    /// all of the tile's in one product. It writes a scratch tile of cp channels; fc1 reads
+    /// that and the untouched input channels as two segments of one product (nothing is
+    /// concatenated); bias + activation are fc1's epilogue and the residual add is fc2's.
     fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize, threads: usize) {
         let (dim, cp) = (b.dim, b.cp);
         let image_rows = x.len() / (dim * w);
