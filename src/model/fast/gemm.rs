@@ -87,6 +87,8 @@ pub struct Weights {
     data: Layout,
 }
 
+// The panel layouts are only read by the x86-64 kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Layout {
     RowMajor(Vec<f32>),
     /// Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
