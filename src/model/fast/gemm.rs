@@ -33,6 +33,20 @@ impl Segment {
     }
 }
 
+/// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
+#[derive(Clone, Copy)]
+pub struct SegmentBf16 {
+    pub ptr: *const u16,
+    pub stride: usize,
+    pub k: usize,
+}
+
+impl SegmentBf16 {
+    pub fn zeros(k: usize) -> Self {
+        Self { ptr: std::ptr::null(), stride: 0, k }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub enum Epilogue<'a> {
     /// dst = A W
@@ -130,6 +144,41 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// Whether products with these weights run in bf16 (`Kernels::Avx512Bf16`).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Layout::PanelsBf16(_))
+    }
+}
+
+/// `rows` rows of `k` floats (row stride `stride`) to bf16 rows of `k` values at `dst`, the
+/// left operand of `matmul_bf16`: for an operand that several products read, converted once.
+///
+/// # Safety
+/// Only where some `Weights::is_bf16()` (the CPU has AVX512-BF16); the pointers must cover
+/// the rows.
+pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize, dst: *mut u16) {
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows {
+        avx512::to_bf16(src.add(r * stride), k, dst.add(r * k));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})")
+}
+
+/// `matmul` with weights for which `is_bf16()` and a left operand already in bf16.
+///
+/// # Safety
+/// As `matmul`; moreover every segment's `k` is even.
+pub unsafe fn matmul_bf16(m: usize, a: &[SegmentBf16], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    debug_assert!(a.iter().all(|s| s.k % 2 == 0) && a.iter().map(|s| s.k).sum::<usize>() == w.k);
+    match &w.data {
+        #[cfg(target_arch = "x86_64")]
+        Layout::PanelsBf16(data) if m > 0 && w.n > 0 => avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue),
+        _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
+    }
+}
+
 /// f32 to bf16, rounding to nearest even (as `vcvtneps2bf16` does for finite values).
 fn bf16(x: f32) -> u16 {
     let b = x.to_bits();
@@ -205,7 +254,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
-    use super::{panel_vectors, Activation, Epilogue, Segment, Weights};
+    use super::{panel_vectors, Activation, Epilogue, Segment, SegmentBf16, Weights};
 
     /// Calls `tile::<R, NV>` for the (rows, vectors) of a tile: R up to 12 (8 for 3 vectors).
     macro_rules! dispatch {
@@ -257,18 +306,24 @@ mod avx512 {
                     row.write(0);
                 }
             }
-            let left = left.as_ptr();
-            for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
-                let panel = data.as_ptr().add(at.j0 * kp);
-                dispatch!(rows, vectors, tile_bf16(left, kp, panel, at, epilogue))
-            });
+            matmul_bf16_segments(m, &[SegmentBf16 { ptr: left.as_ptr(), stride: kp, k: kp }], w, data, dst, dst_rs, epilogue);
+        });
+    }
+
+    /// As `matmul`, on a left operand already in bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn matmul_bf16_segments(m: usize, a: &[SegmentBf16], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        let kp = w.k.next_multiple_of(2);
+        for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+            let panel = data.as_ptr().add(at.j0 * kp);
+            dispatch!(rows, vectors, tile_bf16(a, panel, at, epilogue))
         });
     }
 
     /// k floats at `src` to bf16 at `dst`, rounding to nearest even.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn to_bf16(src: *const f32, k: usize, dst: *mut u16) {
+    pub unsafe fn to_bf16(src: *const f32, k: usize, dst: *mut u16) {
         let mut i = 0;
         while i + 16 <= k {
             let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i))));
@@ -359,21 +414,34 @@ mod avx512 {
         store!(acc, t, epilogue, NV);
     }
 
-    /// `tile` on the bf16 left operand (rows of kp values) and a bf16 panel.
+    /// `tile` on bf16 segments and a bf16 panel: each step multiplies a pair of k.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_bf16<const R: usize, const NV: usize>(left: *const u16, kp: usize, panel: *const u16, t: &Tile, epilogue: Epilogue) {
+    unsafe fn tile_bf16<const R: usize, const NV: usize>(a: &[SegmentBf16], panel: *const u16, t: &Tile, epilogue: Epilogue) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        let mut rowp = left.add(t.r0 * kp);
         let mut wp = panel;
-        for _ in 0..kp / 2 {
+        for s in a {
+            if !s.ptr.is_null() {
+                acc = accumulate_bf16::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k / 2, wp);
+            }
+            wp = wp.add(16 * NV * s.k);
+        }
+        store!(acc, t, epilogue, NV);
+    }
+
+    /// acc += (R rows of 2 pairs bf16 values at `rowp`, row stride `stride`) @ (2 pairs x 16 NV
+    /// bf16 panel at `wp`, rows interleaved in pairs).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn accumulate_bf16<const R: usize, const NV: usize>(mut acc: [[__m512; NV]; R], mut rowp: *const u16, stride: usize, pairs: usize, mut wp: *const u16) -> [[__m512; NV]; R] {
+        for _ in 0..pairs {
             let mut wv = [_mm512_setzero_si512(); NV];
             for (v, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm512_loadu_si512(wp.add(32 * v) as *const _);
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 // One row's pair of bf16 values in every 32-bit lane.
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32((rowp.add(r * kp) as *const i32).read_unaligned()));
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32((rowp.add(r * stride) as *const i32).read_unaligned()));
                 for v in 0..NV {
                     acc[v] = _mm512_dpbf16_ps(acc[v], x, std::mem::transmute::<__m512i, __m512bh>(wv[v]));
                 }
@@ -381,7 +449,7 @@ mod avx512 {
             rowp = rowp.add(2);
             wp = wp.add(32 * NV);
         }
-        store!(acc, t, epilogue, NV);
+        acc
     }
 
     /// acc += (R rows of k values at `rowp`, row stride `stride`) @ (k x 16 NV panel at `wp`).
@@ -494,6 +562,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Left operands converted once (`to_bf16_rows` + `matmul_bf16` on bf16 segments, as the
+    /// partial convolution uses them) give bit for bit what converting per product gives.
+    #[test]
+    fn bf16_segments_match_the_per_product_conversion() {
+        let Some(kernels) = Kernels::detect_bf16() else {
+            return eprintln!("skipped: this CPU has no AVX512-BF16");
+        };
+        let (m, widths, n) = (29, [10, 10, 20], 40);
+        let k: usize = widths.iter().sum();
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let wm: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 498.0 - 1.0).collect();
+        let w = Weights::new(k, n, wm, kernels);
+        let mut ab = vec![0u16; m * k];
+        let (mut f32_segments, mut bf16_segments, mut k0) = (Vec::new(), Vec::new(), 0);
+        for (i, &width) in widths.iter().enumerate() {
+            if i == 1 {
+                f32_segments.push(Segment::zeros(width));
+                bf16_segments.push(SegmentBf16::zeros(width));
+            } else {
+                f32_segments.push(Segment { ptr: a[k0..].as_ptr(), stride: k, k: width });
+                bf16_segments.push(SegmentBf16 { ptr: ab[k0..].as_ptr(), stride: k, k: width });
+            }
+            k0 += width;
+        }
+        let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        unsafe {
+            to_bf16_rows(a.as_ptr(), k, m, k, ab.as_mut_ptr());
+            matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, Epilogue::Store);
+            matmul_bf16(m, &bf16_segments, &w, got.as_mut_ptr(), n, Epilogue::Store);
+        }
+        assert_eq!(got, want);
     }
 
     /// The GELU epilogue of this CPU's kernels against the portable one (itself checked against

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use super::{Activation, ModelError, ModelOutput};
-use gemm::{matmul, Epilogue, Kernels, Segment, Weights};
+use gemm::{matmul, matmul_bf16, to_bf16_rows, Epilogue, Kernels, Segment, SegmentBf16, Weights};
 
 /// A dense layer: (k x n) weights and a bias.
 struct Dense {
@@ -64,14 +64,15 @@ pub struct FastEngine {
 
 /// Splits `rows` into tiles: small enough for a tile's working set (`width` floats per row)
 /// to stay in L2, at least `min_rows` rows so each product has work, and a multiple of the
-/// thread count so that no thread idles while another finishes an extra tile.
+/// thread count so that no thread idles while another finishes an extra tile. Sizes differ
+/// by at most one row and the larger ones are spread out (14 rows in 4 tiles: 3, 4, 3, 4), so
+/// that rayon's halving of the list gives every thread the same number of rows.
 fn tiles(rows: usize, width: usize, min_rows: usize, threads: usize) -> Vec<Range<usize>> {
     const TILE_FLOATS: usize = 96 * 1024;
     let max_rows = (TILE_FLOATS / width.max(1)).max(min_rows);
     let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
-    let count = count.min(rows.div_ceil(min_rows)).max(1);
-    let t = rows.div_ceil(count);
-    (0..rows.div_ceil(t)).map(|i| i * t..((i + 1) * t).min(rows)).collect()
+    let count = count.min(rows / min_rows.max(1)).max(1);
+    (0..count).map(|i| i * rows / count..(i + 1) * rows / count).collect()
 }
 
 /// Runs `f` on every tile: on rayon's pool when the tiles are for several threads.
@@ -87,6 +88,8 @@ thread_local! {
     /// Per-thread tile scratch: gathered edge patches and their outputs, the partial
     /// convolution's output and the hidden activations.
     static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    /// bf16 engine: the partial convolution's input channels of a tile and its neighbour rows.
+    static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Raw output pointer shared by tiles that write disjoint rows.
@@ -301,20 +304,45 @@ impl FastEngine {
                 // scratch tiles cover the tile's rows; a tap's segment is skipped where its rows
                 // would leave the image.
                 unsafe {
+                    // bf16: the cp channels of the tile's rows and their neighbours converted
+                    // once, for the nine taps to read as shifted segments as they read x in fp32.
+                    let bf16_from = g.start.saturating_sub(1);
+                    let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
+                    let mut xb = Vec::new();
+                    if b.partial.is_bf16() && w > 2 && cp % 2 == 0 {
+                        xb = SCRATCH_BF16.take();
+                        xb.resize(xb.len().max(bf16_rows * w * cp), 0);
+                        to_bf16_rows(x.as_ptr().add(bf16_from * w * dim), dim, bf16_rows * w, cp, xb.as_mut_ptr());
+                    }
                     for (t, row) in g.clone().enumerate() {
                         let i = row % h;
-                        if w > 2 {
+                        let outside = |di: usize| (i == 0 && di == 0) || (i == h - 1 && di == 2);
+                        let dst = mixed[(t * w + 1) * cp..].as_mut_ptr();
+                        if w > 2 && !xb.is_empty() {
+                            let taps: [SegmentBf16; 9] = std::array::from_fn(|tap| {
+                                let (di, dj) = (tap / 3, tap % 3);
+                                if outside(di) {
+                                    SegmentBf16::zeros(cp)
+                                } else {
+                                    SegmentBf16 { ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp), stride: cp, k: cp }
+                                }
+                            });
+                            matmul_bf16(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
+                        } else if w > 2 {
                             let taps: [Segment; 9] = std::array::from_fn(|tap| {
                                 let (di, dj) = (tap / 3, tap % 3);
-                                if (i == 0 && di == 0) || (i == h - 1 && di == 2) {
+                                if outside(di) {
                                     Segment::zeros(cp)
                                 } else {
                                     Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
                                 }
                             });
-                            matmul(w - 2, &taps, &b.partial, mixed[(t * w + 1) * cp..].as_mut_ptr(), cp, Epilogue::Store);
+                            matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
                         }
                         kernels::im2col_3x3(x, h, w, dim, cp, row, edges, &mut col[t * edges.len() * 9 * cp..]);
+                    }
+                    if !xb.is_empty() {
+                        SCRATCH_BF16.set(xb);
                     }
                     // The edge pixels of all the tile's rows in one product, then into place.
                     let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
@@ -357,6 +385,23 @@ impl FastEngine {
 mod tests {
     use super::*;
     use crate::model::{FasterNetConfig, Variant};
+
+    #[test]
+    fn tiles_cover_the_rows_in_near_equal_sizes_split_evenly_between_threads() {
+        for (rows, width, min_rows, threads) in [(14, 15_232, 2, 2), (7, 15_232, 3, 2), (56, 15_232, 1, 1), (28, 1000, 2, 2), (5, 10, 16, 2), (3, 100_000, 1, 4)] {
+            let t = tiles(rows, width, min_rows, threads);
+            let sizes: Vec<usize> = t.iter().map(|r| r.len()).collect();
+            assert_eq!(t.first().unwrap().start, 0);
+            assert!(t.windows(2).all(|p| p[0].end == p[1].start) && t.last().unwrap().end == rows, "{t:?}");
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{rows} rows: {sizes:?}");
+            assert!(sizes.iter().all(|&s| s >= min_rows.min(rows)), "{rows} rows, min {min_rows}: {sizes:?}");
+            if t.len() % 2 == 0 && threads == 2 {
+                let half: usize = sizes[..t.len() / 2].iter().sum();
+                assert!(half.abs_diff(rows - half) <= 1, "{rows} rows: {sizes:?}");
+            }
+        }
+        assert_eq!(tiles(14, 15_232, 2, 2), [0..3, 3..7, 7..10, 10..14]);
+    }
 
     /// The portable kernels against this CPU's (the AVX-512 microkernel where present), with
     /// two threads so that every split runs: tiles shared by both threads (batch 1), whole
