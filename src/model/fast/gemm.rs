@@ -429,8 +429,8 @@ mod avx512 {
         store!(acc, t, epilogue, NV);
     }
 
-    /// acc += (R rows of 2 pairs bf16 values at `rowp`, row stride `stride`) @ (2 pairs x 16 NV
-    /// bf16 panel at `wp`, rows interleaved in pairs).
+    /// acc += (R rows of `pairs` pairs of bf16 values at `rowp`, row stride `stride`) @
+    /// (`pairs` pairs of rows x 16 NV bf16 panel at `wp`, each pair's rows interleaved).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn accumulate_bf16<const R: usize, const NV: usize>(mut acc: [[__m512; NV]; R], mut rowp: *const u16, stride: usize, pairs: usize, mut wp: *const u16) -> [[__m512; NV]; R] {
