@@ -291,7 +291,14 @@ impl FastEngine {
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
         let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
-        for_each_tile(threads, tiles(image_rows, w * (b.hidden + 2 * dim + cp), 16usize.div_ceil(w), threads), |g| {
+        let row_floats = w * (b.hidden + 2 * dim + cp);
+        // A thread running its own images takes, per tile, at least as many floats of rows as
+        // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
+        // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
+        // by several threads stay small, for balance.
+        let weights = [&b.partial, &b.fc1, &b.fc2].iter().map(|m| m.k * m.n).sum::<usize>();
+        let min_rows = if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
+        for_each_tile(threads, tiles(image_rows, row_floats, min_rows, threads), |g| {
             SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
                 let n = g.len() * w;
                 let edge_rows = g.len() * edges.len();
