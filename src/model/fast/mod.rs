@@ -402,7 +402,7 @@ mod tests {
             assert!(t.windows(2).all(|p| p[0].end == p[1].start) && t.last().unwrap().end == rows, "{t:?}");
             assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{rows} rows: {sizes:?}");
             assert!(sizes.iter().all(|&s| s >= min_rows.min(rows)), "{rows} rows, min {min_rows}: {sizes:?}");
-            if t.len() % 2 == 0 && threads == 2 {
+            if t.len().is_multiple_of(2) && threads == 2 {
                 let half: usize = sizes[..t.len() / 2].iter().sum();
                 assert!(half.abs_diff(rows - half) <= 1, "{rows} rows: {sizes:?}");
             }
