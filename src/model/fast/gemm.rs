@@ -35,6 +35,7 @@ impl Segment {
 
 /// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct SegmentBf16 {
     pub ptr: *const u16,
     pub stride: usize,
@@ -170,6 +171,7 @@ pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize
 ///
 /// # Safety
 /// As `matmul`; moreover every segment's `k` is even.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub unsafe fn matmul_bf16(m: usize, a: &[SegmentBf16], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
     debug_assert!(a.iter().all(|s| s.k % 2 == 0) && a.iter().map(|s| s.k).sum::<usize>() == w.k);
     match &w.data {
