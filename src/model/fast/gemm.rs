@@ -143,9 +143,7 @@ impl Weights {
         };
         Self { k, n, data }
     }
-}
 
-impl Weights {
     /// Whether products with these weights run in bf16 (`Kernels::Avx512Bf16`).
     pub fn is_bf16(&self) -> bool {
         matches!(self.data, Layout::PanelsBf16(_))
