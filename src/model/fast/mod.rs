@@ -15,6 +15,7 @@
 
 mod gemm;
 mod kernels;
+mod winograd;
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -26,6 +27,7 @@ use rayon::prelude::*;
 use super::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use super::{Activation, ModelError, ModelOutput};
 use gemm::{matmul, matmul_bf16, to_bf16_rows, Epilogue, Kernels, Segment, SegmentBf16, Weights};
+use winograd::Winograd;
 
 /// A dense layer: (k x n) weights and a bias.
 struct Dense {
@@ -39,6 +41,9 @@ struct Block {
     hidden: usize,
     /// (9 cp) x cp, rows ordered (di, dj, channel)
     partial: Weights,
+    /// The same convolution by Winograd's F(2x2, 3x3) (fp32 on our AVX-512 kernels), which
+    /// then replaces `partial`.
+    winograd: Option<Winograd>,
     /// dim x hidden
     fc1: Weights,
     fc1_bias: Vec<f32>,
@@ -152,11 +157,13 @@ impl FastEngine {
         let block = |b: &BlockWeights| -> Result<Block, ModelError> {
             let (hidden, cp, _, _) = b.fc1_mixed.dims4()?;
             let dim = b.fc2.dim(0)?;
+            let winograd = if kernels == Kernels::Avx512 && cp >= winograd::MIN_CHANNELS { Some(Winograd::new(&to_vec(&b.partial_conv)?, cp, kernels)) } else { None };
             Ok(Block {
                 dim,
                 cp,
                 hidden,
                 partial: conv_nhwc_matrix(&b.partial_conv, kernels)?,
+                winograd,
                 // fc1 as one product over [partial conv output, untouched channels].
                 fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?, kernels)?,
                 fc1_bias: to_vec(&b.fc1_bias)?,
@@ -278,87 +285,43 @@ impl FastEngine {
         });
     }
 
-    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of whole image rows.
-    /// The partial convolution of a row's inner pixels reads the input directly as nine shifted
-    /// segments (taps above the first or below the last row are skipped); only the two edge
-    /// pixels of each row, whose windows reach into the zero padding, are gathered (im2col),
-    /// all of the tile's in one product. It writes a scratch tile of cp channels; fc1 reads
-    /// that and the untouched input channels as two segments of one product (nothing is
-    /// concatenated); bias + activation are fc1's epilogue and the residual add is fc2's.
+    /// out = x + fc2(act(fc1([pconv(x[:, :cp]), x[:, cp:]]))) over tiles of whole image rows:
+    /// the partial convolution (`partial_conv_direct` or Winograd's) writes a scratch tile of
+    /// cp channels; fc1 reads that and the untouched input channels as two segments of one
+    /// product (nothing is concatenated); bias + activation are fc1's epilogue and the
+    /// residual add is fc2's.
     fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize, threads: usize) {
         let (dim, cp) = (b.dim, b.cp);
-        let image_rows = x.len() / (dim * w);
+        let images = x.len() / (dim * h * w);
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
-        let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
         let row_floats = w * (b.hidden + 2 * dim + cp);
         // A thread running its own images takes, per tile, at least as many floats of rows as
         // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
         // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
         // by several threads stay small, for balance.
-        let weights = [&b.partial, &b.fc1, &b.fc2].iter().map(|m| m.k * m.n).sum::<usize>();
+        let partial = b.winograd.as_ref().map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
+        let weights = partial + b.fc1.k * b.fc1.n + b.fc2.k * b.fc2.n;
         let min_rows = if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
-        for_each_tile(threads, tiles(image_rows, row_floats, min_rows, threads), |g| {
+        // Tiles are made of groups of whole image rows: pairs for Winograd's 2x2 output blocks.
+        let group = if b.winograd.is_some() { winograd::ROWS } else { 1 };
+        let groups_per_image = h.div_ceil(group);
+        let first_row = |g: usize| g / groups_per_image * h + g % groups_per_image * group;
+        let tiles = tiles(images * groups_per_image, group * row_floats, min_rows.div_ceil(group), threads);
+        for_each_tile(threads, tiles, |groups| {
+            let g = first_row(groups.start)..first_row(groups.end);
             SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
                 let n = g.len() * w;
-                let edge_rows = g.len() * edges.len();
-                let col = grow(col, edge_rows * 9 * cp);
-                let edge_out = grow(edge_out, edge_rows * cp);
                 let mixed = grow(mixed, n * cp);
                 let hidden = grow(hidden, n * b.hidden);
+                match &b.winograd {
+                    Some(winograd) => winograd.run(x, (h, w, dim), g.clone(), mixed),
+                    None => partial_conv_direct(b, x, (h, w), g.clone(), [col, edge_out], mixed),
+                }
                 let x_tile = x[g.start * w * dim..].as_ptr();
                 // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias; the
-                // scratch tiles cover the tile's rows; a tap's segment is skipped where its rows
-                // would leave the image.
+                // scratch tiles cover the tile's rows.
                 unsafe {
-                    // bf16: the cp channels of the tile's rows and their neighbours converted
-                    // once, for the nine taps to read as shifted segments as they read x in fp32.
-                    let bf16_from = g.start.saturating_sub(1);
-                    let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
-                    let mut xb = Vec::new();
-                    if b.partial.is_bf16() && w > 2 && cp % 2 == 0 {
-                        xb = SCRATCH_BF16.take();
-                        xb.resize(xb.len().max(bf16_rows * w * cp), 0);
-                        to_bf16_rows(x.as_ptr().add(bf16_from * w * dim), dim, bf16_rows * w, cp, xb.as_mut_ptr());
-                    }
-                    for (t, row) in g.clone().enumerate() {
-                        let i = row % h;
-                        let outside = |di: usize| (i == 0 && di == 0) || (i == h - 1 && di == 2);
-                        let dst = mixed[(t * w + 1) * cp..].as_mut_ptr();
-                        if w > 2 && !xb.is_empty() {
-                            let taps: [SegmentBf16; 9] = std::array::from_fn(|tap| {
-                                let (di, dj) = (tap / 3, tap % 3);
-                                if outside(di) {
-                                    SegmentBf16::zeros(cp)
-                                } else {
-                                    SegmentBf16 { ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp), stride: cp, k: cp }
-                                }
-                            });
-                            matmul_bf16(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
-                        } else if w > 2 {
-                            let taps: [Segment; 9] = std::array::from_fn(|tap| {
-                                let (di, dj) = (tap / 3, tap % 3);
-                                if outside(di) {
-                                    Segment::zeros(cp)
-                                } else {
-                                    Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
-                                }
-                            });
-                            matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
-                        }
-                        kernels::im2col_3x3(x, h, w, dim, cp, row, edges, &mut col[t * edges.len() * 9 * cp..]);
-                    }
-                    if !xb.is_empty() {
-                        SCRATCH_BF16.set(xb);
-                    }
-                    // The edge pixels of all the tile's rows in one product, then into place.
-                    let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
-                    matmul(edge_rows, &patches, &b.partial, edge_out.as_mut_ptr(), cp, Epilogue::Store);
-                    for (t, out) in edge_out.chunks_exact(edges.len() * cp).enumerate() {
-                        for (&j, px) in edges.iter().zip(out.chunks_exact(cp)) {
-                            mixed[(t * w + j) * cp..(t * w + j + 1) * cp].copy_from_slice(px);
-                        }
-                    }
                     let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
                     matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, Epilogue::Bias(&b.fc1_bias, Some(act)));
                     let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
@@ -384,6 +347,71 @@ impl FastEngine {
             matmul(batch, &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }], &self.head.w, features.as_mut_ptr(), f, Epilogue::Bias(&self.head.bias, Some(self.act)));
             let a = [Segment { ptr: features.as_ptr(), stride: f, k: f }];
             matmul(batch, &a, &self.classifier.w, logits.as_mut_ptr(), k, Epilogue::Bias(&self.classifier.bias, None));
+        }
+    }
+}
+
+/// The partial convolution of global image rows `g` into `mixed` (rows x w pixels of cp
+/// channels), directly: a row's inner pixels read the input as nine shifted segments (taps
+/// above the first or below the last row are skipped); only the two edge pixels of each row,
+/// whose windows reach into the zero padding, are gathered (im2col) into `col`, all of the
+/// tile's in one product into `edge_out`. In bf16, the cp channels of the tile's rows and their
+/// neighbours are converted once, for the nine taps to read as shifted segments.
+fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<usize>, [col, edge_out]: [&mut Vec<f32>; 2], mixed: &mut [f32]) {
+    let (dim, cp) = (b.dim, b.cp);
+    let image_rows = x.len() / (dim * w);
+    let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
+    let edge_rows = g.len() * edges.len();
+    let col = grow(col, edge_rows * 9 * cp);
+    let edge_out = grow(edge_out, edge_rows * cp);
+    // SAFETY: x and mixed never alias; the scratch tiles cover the tile's rows; a tap's segment
+    // is skipped where its rows would leave the image.
+    unsafe {
+        let bf16_from = g.start.saturating_sub(1);
+        let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
+        let mut xb = Vec::new();
+        if b.partial.is_bf16() && w > 2 && cp % 2 == 0 {
+            xb = SCRATCH_BF16.take();
+            xb.resize(xb.len().max(bf16_rows * w * cp), 0);
+            to_bf16_rows(x.as_ptr().add(bf16_from * w * dim), dim, bf16_rows * w, cp, xb.as_mut_ptr());
+        }
+        for (t, row) in g.clone().enumerate() {
+            let i = row % h;
+            let outside = |di: usize| (i == 0 && di == 0) || (i == h - 1 && di == 2);
+            let dst = mixed[(t * w + 1) * cp..].as_mut_ptr();
+            if w > 2 && !xb.is_empty() {
+                let taps: [SegmentBf16; 9] = std::array::from_fn(|tap| {
+                    let (di, dj) = (tap / 3, tap % 3);
+                    if outside(di) {
+                        SegmentBf16::zeros(cp)
+                    } else {
+                        SegmentBf16 { ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp), stride: cp, k: cp }
+                    }
+                });
+                matmul_bf16(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
+            } else if w > 2 {
+                let taps: [Segment; 9] = std::array::from_fn(|tap| {
+                    let (di, dj) = (tap / 3, tap % 3);
+                    if outside(di) {
+                        Segment::zeros(cp)
+                    } else {
+                        Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
+                    }
+                });
+                matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
+            }
+            kernels::im2col_3x3(x, h, w, dim, cp, row, edges, &mut col[t * edges.len() * 9 * cp..]);
+        }
+        if !xb.is_empty() {
+            SCRATCH_BF16.set(xb);
+        }
+        // The edge pixels of all the tile's rows in one product, then into place.
+        let patches = [Segment { ptr: col.as_ptr(), stride: 9 * cp, k: 9 * cp }];
+        matmul(edge_rows, &patches, &b.partial, edge_out.as_mut_ptr(), cp, Epilogue::Store);
+    }
+    for (t, out) in edge_out.chunks_exact(edges.len() * cp).enumerate() {
+        for (&j, px) in edges.iter().zip(out.chunks_exact(cp)) {
+            mixed[(t * w + j) * cp..(t * w + j + 1) * cp].copy_from_slice(px);
         }
     }
 }
@@ -432,3 +460,4 @@ mod tests {
         }
     }
 }
+
