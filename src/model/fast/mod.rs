@@ -300,11 +300,15 @@ impl FastEngine {
         // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
         // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
         // by several threads stay small, for balance.
-        let partial = b.winograd.as_ref().map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
+        // Winograd's tiles are made of row pairs; where tiles shared by several threads would
+        // then hold unequal work (batch 1 of T0: 14 rows are 7 pairs, split 3 + 4), the direct
+        // convolution's single rows split evenly.
+        let winograd = b.winograd.as_ref().filter(|_| threads == 1 || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(threads));
+        let partial = winograd.map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
         let weights = partial + b.fc1.k * b.fc1.n + b.fc2.k * b.fc2.n;
         let min_rows = if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
         // Tiles are made of groups of whole image rows: pairs for Winograd's 2x2 output blocks.
-        let group = if b.winograd.is_some() { winograd::ROWS } else { 1 };
+        let group = if winograd.is_some() { winograd::ROWS } else { 1 };
         let groups_per_image = h.div_ceil(group);
         let first_row = |g: usize| g / groups_per_image * h + g % groups_per_image * group;
         let tiles = tiles(images * groups_per_image, group * row_floats, min_rows.div_ceil(group), threads);
@@ -314,7 +318,7 @@ impl FastEngine {
                 let n = g.len() * w;
                 let mixed = grow(mixed, n * cp);
                 let hidden = grow(hidden, n * b.hidden);
-                match &b.winograd {
+                match winograd {
                     Some(winograd) => winograd.run(x, (h, w, dim), g.clone(), mixed),
                     None => partial_conv_direct(b, x, (h, w), g.clone(), [col, edge_out], mixed),
                 }
