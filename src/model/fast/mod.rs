@@ -268,20 +268,56 @@ impl FastEngine {
 
     /// A strided, non-overlapping convolution (the stem, the merges): out (image_rows * w_out
     /// x n) = A @ w + bias, where `segments(row, list)` lists where the patches of output image
-    /// row `row` are in the input (consecutive output pixels are a fixed stride apart there, so
-    /// nothing is gathered).
+    /// row `row` are in the input (consecutive output pixels are a fixed stride apart there).
+    ///
+    /// Small weights: one product per output row, its patches read in place. Weights larger
+    /// than L2 are fetched from L3 again by every product, which per row means once per few
+    /// pixels (T2's last merge: 4.7 MB for 7); such convolutions copy a tile's patches into
+    /// one matrix (k floats per pixel, against k n multiply-adds) for one product per tile, and
+    /// a thread running its own images takes tiles of at least as many floats as the weights,
+    /// as the blocks do.
     fn strided_conv(&self, out: &mut [f32], image_rows: usize, w_out: usize, d: &Dense, threads: usize, segments: impl Fn(usize, &mut Vec<Segment>) + Sync) {
-        let n = d.w.n;
+        const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
+        let (k, n) = (d.w.k, d.w.n);
         let out_ptr = Out(out.as_mut_ptr());
-        for_each_tile(threads, tiles(image_rows, w_out * (d.w.k + n), 16usize.div_ceil(w_out), threads), |g| {
+        let gather = k * n > GATHER_ABOVE_FLOATS;
+        let row_floats = w_out * (k + n);
+        let min_rows = if gather && threads == 1 { (k * n).div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w_out));
+        for_each_tile(threads, tiles(image_rows, row_floats, min_rows, threads), |g| {
             let mut list = Vec::new();
-            for row in g {
-                list.clear();
-                segments(row, &mut list);
-                // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments cover
-                // the row's w_out patches.
-                unsafe { matmul(w_out, &list, &d.w, out_ptr.at(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+            if !gather {
+                for row in g {
+                    list.clear();
+                    segments(row, &mut list);
+                    // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments
+                    // cover the row's w_out patches.
+                    unsafe { matmul(w_out, &list, &d.w, out_ptr.at(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+                }
+                return;
             }
+            SCRATCH.with_borrow_mut(|[patches, ..]| {
+                let patches = grow(patches, g.len() * w_out * k);
+                for (row, patches) in g.clone().zip(patches.chunks_exact_mut(w_out * k)) {
+                    list.clear();
+                    segments(row, &mut list);
+                    let mut k0 = 0;
+                    for s in &list {
+                        for (p, dst) in patches.chunks_exact_mut(k).enumerate() {
+                            let dst = &mut dst[k0..k0 + s.k];
+                            if s.ptr.is_null() {
+                                dst.fill(0.0);
+                            } else {
+                                // SAFETY: the caller's segments cover the row's w_out patches.
+                                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(s.ptr.add(p * s.stride), s.k) });
+                            }
+                        }
+                        k0 += s.k;
+                    }
+                }
+                let a = [Segment { ptr: patches.as_ptr(), stride: k, k }];
+                // SAFETY: tiles are disjoint row ranges of `out`; `patches` holds the tile's.
+                unsafe { matmul(g.len() * w_out, &a, &d.w, out_ptr.at(g.start * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+            });
         });
     }
 
