@@ -2,12 +2,14 @@
 //! (rows = pixels) as products with pre-packed weights (`gemm`), every operand read in place.
 //!
 //! - Stem and patch merging: the patches of an output row are fixed-stride segments of the
-//!   input (12 for the 4x4 stem on NCHW, 2 for a 2x2 merge on NHWC): one product per row.
+//!   input (12 for the 4x4 stem on NCHW, 2 for a 2x2 merge on NHWC): one product per row, or,
+//!   for weights larger than L2, the tile's patches copied into one product.
 //! - Each block runs over tiles of whole image rows that stay in L2: the partial 3x3
-//!   convolution of a row's inner pixels is nine shifted segments of the input (only the two
-//!   edge pixels, whose windows reach into the padding, are gathered) into a cp-wide scratch
-//!   tile; fc1 reads that and the untouched channels as two segments, with bias + activation
-//!   as its epilogue; fc2 adds the residual in its epilogue, straight into the output map.
+//!   convolution (by Winograd's F(2x2, 3x3) in fp32 where cp >= 24, `winograd.rs`; otherwise
+//!   a row's inner pixels as nine shifted segments of the input, only the two edge pixels,
+//!   whose windows reach into the padding, gathered) into a cp-wide scratch tile; fc1 reads
+//!   that and the untouched channels as two segments, with bias + activation as its
+//!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
 //! - With at least as many images as threads, each thread runs whole images on its own;
 //!   otherwise tiles run on rayon's pool. Either way there is one level of parallelism and
 //!   each product is single-threaded.
@@ -41,8 +43,8 @@ struct Block {
     hidden: usize,
     /// (9 cp) x cp, rows ordered (di, dj, channel)
     partial: Weights,
-    /// The same convolution by Winograd's F(2x2, 3x3) (fp32 on our AVX-512 kernels), which
-    /// then replaces `partial`.
+    /// The same convolution by Winograd's F(2x2, 3x3) (fp32 on our AVX-512 kernels, cp >= 24),
+    /// used instead of `partial` unless a split between threads would be uneven (`block`).
     winograd: Option<Winograd>,
     /// dim x hidden
     fc1: Weights,
@@ -90,8 +92,8 @@ fn for_each_tile(threads: usize, tiles: Vec<Range<usize>>, f: impl Fn(Range<usiz
 }
 
 thread_local! {
-    /// Per-thread tile scratch: gathered edge patches and their outputs, the partial
-    /// convolution's output and the hidden activations.
+    /// Per-thread tile scratch: gathered patches (edge pixels, or a merge's) and the edge
+    /// pixels' outputs, the partial convolution's output and the hidden activations.
     static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
     /// bf16 engine: the partial convolution's input channels of a tile and its neighbour rows.
     static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
@@ -332,14 +334,14 @@ impl FastEngine {
         let out_ptr = Out(out.as_mut_ptr());
         let act = self.act;
         let row_floats = w * (b.hidden + 2 * dim + cp);
-        // A thread running its own images takes, per tile, at least as many floats of rows as
-        // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
-        // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
-        // by several threads stay small, for balance.
         // Winograd's tiles are made of row pairs; where tiles shared by several threads would
         // then hold unequal work (batch 1 of T0: 14 rows are 7 pairs, split 3 + 4), the direct
         // convolution's single rows split evenly.
         let winograd = b.winograd.as_ref().filter(|_| threads == 1 || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(threads));
+        // A thread running its own images takes, per tile, at least as many floats of rows as
+        // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
+        // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
+        // by several threads stay small, for balance.
         let partial = winograd.map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
         let weights = partial + b.fc1.k * b.fc1.n + b.fc2.k * b.fc2.n;
         let min_rows = if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
@@ -500,4 +502,3 @@ mod tests {
         }
     }
 }
-

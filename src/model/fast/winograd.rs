@@ -3,8 +3,9 @@
 //! comes from its 4x4 input patch as 16 independent cp x cp products, one per point of the
 //! transformed patch, instead of 9 taps per pixel: 16 / 4 = 4 multiplies per output where the
 //! direct convolution takes 9. The convolution is 12% of a block's multiply-adds (9 cp^2 of
-//! 9 cp^2 + 4 dim hidden / 2, cp = dim / 4), so this removes about 7% of the model's work; the
-//! transforms are additions only (G's halves are applied to the weights, in f64, at load time).
+//! 73 cp^2 per pixel: fc1 and fc2 are 32 cp^2 each, dim = 4 cp), so this removes about 7% of
+//! the model's work; the transforms are additions only (G's halves are applied to the
+//! weights, in f64, at load time).
 //! Maps of odd height or width get a last, half-used block row or column (T2's 7x7 stage).
 
 use std::cell::RefCell;
@@ -63,8 +64,8 @@ impl Winograd {
     pub fn run(&self, x: &[f32], (h, w, dim): (usize, usize, usize), rows: Range<usize>, out: &mut [f32]) {
         let cp = self.cp;
         debug_assert!((rows.start % h).is_multiple_of(ROWS) && out.len() >= rows.len() * w * cp);
-        // Patch t covers output rows r, r + 1 and columns j, j + 1 (t in the order of `out`):
-        // the image's row pairs are numbered globally, `pairs` from the first in `rows`.
+        // Patch t covers output rows r, r + 1 and columns j, j + 1, in the order of `out`. Row
+        // pairs are numbered across images; `first` is the pair `rows` starts with.
         let (pairs_per_image, cols) = (h.div_ceil(2), w.div_ceil(2));
         let pair_index = |r: usize| r / h * pairs_per_image + (r % h).div_ceil(2);
         let first = pair_index(rows.start);
@@ -198,8 +199,9 @@ mod tests {
     use super::*;
 
     /// Against the definition (f64, zero padding) on maps of odd and even sizes down to one
-    /// pixel, two images, for whole maps and for row ranges that start inside an image, on
-    /// this CPU's kernels and the portable ones.
+    /// pixel, two images, for whole maps and for row ranges that start inside an image (20x19:
+    /// more patches than one round of products takes), on this CPU's kernels and the portable
+    /// ones.
     #[test]
     fn matches_a_direct_convolution() {
         let (cp, dim, images) = (24, 40, 2);
@@ -207,7 +209,7 @@ mod tests {
         let g: Vec<f32> = (0..cp * cp * 9).map(|i| value(i, 1)).collect();
         for kernels in [Kernels::detect(), Kernels::Portable] {
             let winograd = Winograd::new(&g, cp, kernels);
-            for (h, w) in [(1, 1), (1, 5), (5, 1), (6, 7), (7, 7), (4, 4), (9, 2)] {
+            for (h, w) in [(1, 1), (1, 5), (5, 1), (6, 7), (7, 7), (4, 4), (9, 2), (20, 19)] {
                 let x: Vec<f32> = (0..images * h * w * dim).map(|i| value(i, h * 10 + w)).collect();
                 let want = |r: usize, j: usize, o: usize| {
                     let (image, i) = (r / h, r % h);
