@@ -93,15 +93,17 @@ pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     bias_act_generic(data, bias, act)
 }
 
-/// 3x3, stride 1, zero padding 1 patches of the first `cp` channels of an NHWC map with `c`
-/// channels (`h` x `w` per image), for the pixels `cols` of global image row `g` (image * h +
-/// row); columns ordered (di, dj, channel).
+/// size x size patches of the first `cp` channels of an NHWC map with `c` channels (`h` x `w`
+/// per image), their top-left corner one row above and one column left of the pixels `cols`
+/// of global image row `g` (image * h + row), zeros outside the image; columns ordered (di, dj,
+/// channel). Size 3: the 3x3, stride 1, zero padding 1 convolution's patches; size 4: the
+/// input patches of Winograd's 2x2 output blocks.
 #[allow(clippy::too_many_arguments)]
-pub fn im2col_3x3(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, cols: &[usize], out: &mut [f32]) {
+pub fn im2col(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, cols: &[usize], size: usize, out: &mut [f32]) {
     let (b, i) = (g / h, g % h);
-    for (&j, out) in cols.iter().zip(out.chunks_exact_mut(9 * cp)) {
+    for (&j, out) in cols.iter().zip(out.chunks_exact_mut(size * size * cp)) {
         for (tap, dst) in out.chunks_exact_mut(cp).enumerate() {
-            let (si, sj) = ((i + tap / 3).wrapping_sub(1), (j + tap % 3).wrapping_sub(1));
+            let (si, sj) = ((i + tap / size).wrapping_sub(1), (j + tap % size).wrapping_sub(1));
             if si >= h || sj >= w {
                 dst.fill(0.0);
             } else {

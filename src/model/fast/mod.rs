@@ -442,7 +442,7 @@ fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<us
                 });
                 matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
             }
-            kernels::im2col_3x3(x, h, w, dim, cp, row, edges, &mut col[t * edges.len() * 9 * cp..]);
+            kernels::im2col(x, h, w, dim, cp, row, edges, 3, &mut col[t * edges.len() * 9 * cp..]);
         }
         if !xb.is_empty() {
             SCRATCH_BF16.set(xb);

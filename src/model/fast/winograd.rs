@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::gemm::{matmul, Epilogue, Kernels, Segment, Weights};
+use super::kernels;
 
 /// Output rows per block of the transform: row tiles of the block start on even image rows.
 pub const ROWS: usize = 2;
@@ -83,15 +84,7 @@ impl Winograd {
             for start in (0..count).step_by(chunk) {
                 let group = start..(start + chunk).min(count);
                 for (t, (r, j)) in group.clone().map(patch_at).enumerate() {
-                    let (image, i) = (r / h, r % h);
-                    for (tap, dst) in patch.chunks_exact_mut(cp).enumerate() {
-                        let (si, sj) = ((i + tap / 4).wrapping_sub(1), (j + tap % 4).wrapping_sub(1));
-                        if si >= h || sj >= w {
-                            dst.fill(0.0);
-                        } else {
-                            dst.copy_from_slice(&x[((image * h + si) * w + sj) * dim..][..cp]);
-                        }
-                    }
+                    kernels::im2col(x, h, w, dim, cp, r, &[j], 4, patch);
                     input_transform(patch, &mut v[t * 16 * cp..(t + 1) * 16 * cp]);
                 }
                 for (xi, u) in self.u.iter().enumerate() {
