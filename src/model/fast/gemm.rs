@@ -1,9 +1,9 @@
 //! Activation rows times a weight matrix packed once at load time, with the epilogue (bias,
 //! activation, residual) applied while the results are still in registers.
 //!
-//! On x86-64 with AVX-512 this is our own microkernel: 12 rows x 32 columns (or 8 x 48) of
-//! accumulators (24 of the 32 zmm registers), the weights pre-packed into column panels of
-//! that width so that every weight load is one full vector, and the activations broadcast
+//! On x86-64 with AVX-512 this is our own microkernel: 9 rows x 48 columns (or 12 x 32) of
+//! accumulators (27 or 24 of the 32 zmm registers), the weights pre-packed into column panels
+//! of that width so that every weight load is one full vector, and the activations broadcast
 //! straight from their rows (no packing of the left operand, whose tiles the caller keeps in
 //! L2). Any other CPU gets the `gemm` crate on the row-major weights and a separate epilogue
 //! pass: the same results within rounding. Where the CPU has AVX512-BF16, the same tiles can
