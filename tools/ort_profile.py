@@ -1,0 +1,86 @@
+"""ONNX Runtime's own per-node timings for a FasterNet variant, summed per stage and layer role.
+
+Usage: .venv/bin/python tools/ort_profile.py --variant t2 --batch 4 --threads 1
+
+Runs the ONNX export that tools/bench.py caches (.data/bench/fasternet_<variant>_<size>.onnx; run
+bench.py with the onnxruntime engine once first) with the same session options as bench.py plus
+`enable_profiling`, then prints ms per batch for each stage's merge (downsampling), partial
+convolution (with its Split/Concat) and two 1x1 convolutions, and everything else ("-": the stem,
+layout reorders between the partial convolutions' Split/Concat and the NCHWc convolutions, the
+head). docs/performance.md compares these with the fast engine's stage timers.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def role(node):
+    if "spatial_mixing" in node:
+        return "partial conv"
+    # timm's mlp is (conv, BN, act, conv): the export folds the BN, ORT fuses the activation
+    # into the first conv (its output is then named after mlp.2) and the residual into mlp.3.
+    if "mlp.0" in node or "mlp.1" in node or "mlp.2" in node:
+        return "fc1 + act"
+    if "mlp.3" in node:
+        return "fc2 + add"
+    if "downsample" in node:
+        return "merge"
+    return "other"  # layout reorders within a stage
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="t2")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=30)
+    a = ap.parse_args()
+    model = os.path.join(ROOT, ".data", "bench", f"fasternet_{a.variant}_{a.size}.onnx")
+    if not os.path.exists(model):
+        raise SystemExit(f"{model} not found: run tools/bench.py --engines onnxruntime --variants {a.variant} first")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        feed = {"input": np.random.default_rng(0).standard_normal((a.batch, 3, a.size, a.size), dtype=np.float32)}
+        for _ in range(5):
+            sess.run(None, feed)
+        start = time.perf_counter()
+        for _ in range(a.runs):
+            sess.run(None, feed)
+        wall = (time.perf_counter() - start) / a.runs
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    per_node = collections.defaultdict(float)
+    calls = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]] += e["dur"] / 1e3
+            calls[e["name"]] += 1
+    runs = max(calls.values())
+    parts = collections.defaultdict(float)
+    for node, ms in per_node.items():
+        stage = re.search(r"stages\.(\d+)", node)
+        parts[(f"stage {int(stage.group(1)) + 1}" if stage else "-", role(node))] += ms / runs
+    print(f"{a.variant} batch {a.batch}, {a.threads} thread(s): {wall * 1e3:.1f} ms per batch "
+          f"({a.batch / wall:.1f} img/s, profiling on; {runs} profiled runs incl. warm-up)")
+    for (stage, r), ms in sorted(parts.items()):
+        print(f"  {stage:8s} {r:13s} {ms:7.2f} ms")
+    print(f"  {'total':22s} {sum(parts.values()):7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
