@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import onnx_path
 
 
 def role(node):
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=30)
     a = ap.parse_args()
-    model = os.path.join(ROOT, ".data", "bench", f"fasternet_{a.variant}_{a.size}.onnx")
+    model = onnx_path(a.variant, a.size)
     if not os.path.exists(model):
         raise SystemExit(f"{model} not found: run tools/bench.py --engines onnxruntime --variants {a.variant} first")
     so = ort.SessionOptions()
