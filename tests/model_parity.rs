@@ -207,8 +207,8 @@ fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
 }
 
 /// The fast engine against the candle-ops reference for every preset, on random weights with
-/// randomized BatchNorm statistics, odd sizes (down to 1-pixel-wide last stages) and several
-/// batch sizes.
+/// randomized BatchNorm statistics, odd sizes (down to 1-pixel-wide last stages), several
+/// batch sizes, and inputs that are views (an offset into a larger batch, a transpose).
 #[test]
 fn fast_engine_matches_the_reference_for_every_variant() {
     // Two threads whatever the machine, so that batch 1 runs tiles shared by both threads,
@@ -220,7 +220,11 @@ fn fast_engine_matches_the_reference_for_every_variant() {
         let reference = FasterNet::with_engine(weights.clone(), Engine::Reference).unwrap();
         let fast = FasterNet::with_engine(weights, Engine::Fast).unwrap();
         for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
-            let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
+            let x = if w % 2 == 1 {
+                Tensor::randn(0f32, 1.0, (b, 3, w, h), &Device::Cpu).unwrap().transpose(2, 3).unwrap()
+            } else {
+                Tensor::randn(0f32, 1.0, (b + 1, 3, h, w), &Device::Cpu).unwrap().narrow(0, 1, b).unwrap()
+            };
             let (want, got) = (reference.forward(&x).unwrap(), pool.install(|| fast.forward(&x).unwrap()));
             let tol = 1e-4 * max_abs(&want.logits).max(1.0);
             let d = max_abs_diff(&want.logits, &got.logits);

@@ -200,7 +200,14 @@ impl FastEngine {
     /// thread count, are split into tiles that all threads share.
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
         let (batch, c, in_h, in_w) = x.dims4()?;
-        let input = to_vec(x)?;
+        // Read in place: a copy of a batch of 16 at 224 (9.6 MB, fresh pages) took several ms
+        // per batch on the calling thread while the compute threads waited.
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Input("the fast engine runs on CPU tensors".into()));
+        };
+        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
         let (f, k) = (self.head.w.n, self.classifier.w.n);
         let mut features = vec![0f32; batch * f];
         let mut logits = vec![0f32; batch * k];
