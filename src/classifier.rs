@@ -119,7 +119,7 @@ impl Classifier {
         if images.is_empty() {
             return Err(ModelError::Input("no images".into()));
         }
-        self.model.forward(&Tensor::stack(images, 0)?)
+        self.model.forward_each(images)
     }
 
     /// Top-k predictions per image, highest probability first.

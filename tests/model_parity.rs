@@ -189,6 +189,13 @@ fn inputs_of_any_size_from_32_and_any_batch_work_smaller_ones_are_rejected() {
         let x = Tensor::zeros(dims.clone(), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(matches!(model.forward(&x), Err(ModelError::Input(_))), "{dims:?} accepted");
     }
+    // Separate images: the same limits, and one shape for all.
+    let image = |h: usize, w: usize| Tensor::zeros((3, h, w), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.forward_each(&[image(37, 101), image(37, 101)]).unwrap().logits.dims(), &[2, 7]);
+    for images in [vec![image(31, 64)], vec![image(64, 64), image(64, 65)]] {
+        let shapes: Vec<_> = images.iter().map(|x| x.dims().to_vec()).collect();
+        assert!(matches!(model.forward_each(&images), Err(ModelError::Input(_))), "{shapes:?} accepted");
+    }
 }
 
 #[test]
@@ -208,7 +215,8 @@ fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
 
 /// The fast engine against the candle-ops reference for every preset, on random weights with
 /// randomized BatchNorm statistics, odd sizes (down to 1-pixel-wide last stages), several
-/// batch sizes, and inputs that are views (an offset into a larger batch, a transpose).
+/// batch sizes, inputs that are views (an offset into a larger batch, a transpose), and the
+/// batch given as separate images.
 #[test]
 fn fast_engine_matches_the_reference_for_every_variant() {
     // Two threads whatever the machine, so that batch 1 runs tiles shared by both threads,
@@ -231,6 +239,11 @@ fn fast_engine_matches_the_reference_for_every_variant() {
             assert!(d <= tol, "{variant} {b}x{h}x{w}: logits differ by {d} (tol {tol})");
             let ftol = 1e-4 * max_abs(&want.features).max(1.0);
             assert!(max_abs_diff(&want.features, &got.features) <= ftol, "{variant}: features differ");
+            // The same batch as separate images (how the service passes it), read in place:
+            // the same computation, so the same bits.
+            let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
+            let each = pool.install(|| fast.forward_each(&images).unwrap());
+            assert_eq!(each.logits.to_vec2::<f32>().unwrap(), got.logits.to_vec2::<f32>().unwrap(), "{variant} {b}x{h}x{w}: forward_each");
         }
     }
 }

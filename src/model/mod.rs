@@ -164,8 +164,7 @@ impl FasterNet {
         &self.weights
     }
 
-    /// `x`: (batch, 3, H, W) f32 with H, W >= 32, normalised as the checkpoint expects.
-    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
+    fn check_input(&self, x: &Tensor) -> Result<(), ModelError> {
         let dims = x.dims();
         let min = FasterNetConfig::MIN_INPUT_SIDE;
         if dims.len() != 4 || dims[1] != 3 || dims[0] == 0 || dims[2] < min || dims[3] < min {
@@ -173,11 +172,32 @@ impl FasterNet {
                 "expected a (batch >= 1, 3, H >= {min}, W >= {min}) tensor, got {dims:?}"
             )));
         }
+        Ok(())
+    }
+
+    /// `x`: (batch, 3, H, W) f32 with H, W >= 32, normalised as the checkpoint expects.
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
+        self.check_input(x)?;
         let x = x.to_dtype(candle_core::DType::F32)?;
         match &self.fast {
             Some(engine) => engine.forward(&x),
             None => Ok(reference::forward(&self.weights, &x)?),
         }
+    }
+
+    /// `forward` on a batch given as separate (3, H, W) images of one shape: the fast engine
+    /// reads each where it lies instead of a stacked copy.
+    pub fn forward_each(&self, images: &[Tensor]) -> Result<ModelOutput, ModelError> {
+        let (Some(first), Some(engine)) = (images.first(), &self.fast) else {
+            return self.forward(&Tensor::stack(images, 0)?);
+        };
+        if images.iter().any(|x| x.dims() != first.dims()) || first.rank() != 3 {
+            return Err(ModelError::Input("expected (3, H, W) images of one shape".into()));
+        }
+        // The same checks as `forward`, on a one-image view.
+        self.check_input(&first.unsqueeze(0)?)?;
+        let images = images.iter().map(|x| x.to_dtype(candle_core::DType::F32)).collect::<Result<Vec<_>, _>>()?;
+        engine.forward_each(&images)
     }
 }
 

@@ -119,6 +119,14 @@ fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// The f32 data of a CPU tensor's storage.
+fn cpu_f32(storage: &candle_core::Storage) -> Result<&[f32], ModelError> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => Ok(cpu.as_slice::<f32>()?),
+        _ => Err(ModelError::Input("the fast engine runs on CPU tensors".into())),
+    }
+}
+
 fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -194,38 +202,48 @@ impl FastEngine {
     }
 
     /// `x`: (batch, 3, H, W) f32, already checked by the caller.
-    ///
+    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
+        let (batch, c, h, w) = x.dims4()?;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let input = cpu_f32(&storage)?;
+        let images: Vec<&[f32]> = input[layout.start_offset()..].chunks_exact(c * h * w).take(batch).collect();
+        self.forward_slices(&images, (c, h, w))
+    }
+
+    /// `images`: each (3, H, W) f32 of one shape, already checked by the caller. Read where they
+    /// lie: stacking a batch of 16 at 224 first copied 9.6 MB on the calling thread while the
+    /// compute threads waited.
+    pub fn forward_each(&self, images: &[Tensor]) -> Result<ModelOutput, ModelError> {
+        let (c, h, w) = images.first().ok_or_else(|| ModelError::Input("no images".into()))?.dims3()?;
+        let images = images.iter().map(|x| x.contiguous()).collect::<Result<Vec<_>, _>>()?;
+        let storages: Vec<_> = images.iter().map(|x| x.storage_and_layout()).collect();
+        let slices = storages.iter().map(|(storage, layout)| Ok(&cpu_f32(storage)?[layout.start_offset()..][..c * h * w])).collect::<Result<Vec<_>, ModelError>>()?;
+        self.forward_slices(&slices, (c, h, w))
+    }
+
     /// With at least as many images as threads, each thread runs whole images on its own (no
     /// synchronisation between layers); the images left over, or a batch smaller than the
     /// thread count, are split into tiles that all threads share.
-    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
-        let (batch, c, in_h, in_w) = x.dims4()?;
-        // Read in place: a copy of a batch of 16 at 224 (9.6 MB, fresh pages) took several ms
-        // per batch on the calling thread while the compute threads waited.
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Input("the fast engine runs on CPU tensors".into()));
-        };
-        let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
+    fn forward_slices(&self, images: &[&[f32]], (c, in_h, in_w): (usize, usize, usize)) -> Result<ModelOutput, ModelError> {
+        let batch = images.len();
         let (f, k) = (self.head.w.n, self.classifier.w.n);
         let mut features = vec![0f32; batch * f];
         let mut logits = vec![0f32; batch * k];
         let threads = rayon::current_num_threads().max(1);
         let per_thread = if threads > 1 { batch / threads } else { 0 };
-        let image = c * in_h * in_w;
         let own = per_thread * threads;
         let (features_own, features_shared) = features.split_at_mut(own * f);
         let (logits_own, logits_shared) = logits.split_at_mut(own * k);
         if per_thread > 0 {
-            input[..own * image]
-                .par_chunks(per_thread * image)
+            images[..own]
+                .par_chunks(per_thread)
                 .zip(features_own.par_chunks_mut(per_thread * f))
                 .zip(logits_own.par_chunks_mut(per_thread * k))
-                .for_each(|((x, features), logits)| self.forward_images(x, (per_thread, c, in_h, in_w), 1, features, logits));
+                .for_each(|((x, features), logits)| self.forward_images(x, (c, in_h, in_w), 1, features, logits));
         }
         if own < batch {
-            self.forward_images(&input[own * image..], (batch - own, c, in_h, in_w), threads, features_shared, logits_shared);
+            self.forward_images(&images[own..], (c, in_h, in_w), threads, features_shared, logits_shared);
         }
         Ok(ModelOutput {
             logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
@@ -233,10 +251,12 @@ impl FastEngine {
         })
     }
 
-    /// The network on NCHW images `input`, tiles spread over `threads` threads (1: this one).
-    fn forward_images(&self, input: &[f32], (batch, c, in_h, in_w): (usize, usize, usize, usize), threads: usize, features: &mut [f32], logits: &mut [f32]) {
+    /// The network on CHW images `input`, tiles spread over `threads` threads (1: this one).
+    fn forward_images(&self, input: &[&[f32]], (c, in_h, in_w): (usize, usize, usize), threads: usize, features: &mut [f32], logits: &mut [f32]) {
+        let batch = input.len();
         let [mut a, mut b] = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-        // Stem: 4x4 stride-4 patches straight from the NCHW input, one segment per (channel, row).
+        // Stem: 4x4 stride-4 patches straight from each image's CHW data, one segment per
+        // (channel, row).
         let (mut h, mut w) = (in_h / 4, in_w / 4);
         let mut rows = batch * h * w;
         let stem = &self.stem;
@@ -244,7 +264,7 @@ impl FastEngine {
             let (b, i) = (row / h, row % h);
             for ch in 0..c {
                 for di in 0..4 {
-                    list.push(Segment { ptr: input[((b * c + ch) * in_h + 4 * i + di) * in_w..].as_ptr(), stride: 4, k: 4 });
+                    list.push(Segment { ptr: input[b][(ch * in_h + 4 * i + di) * in_w..].as_ptr(), stride: 4, k: 4 });
                 }
             }
         });
