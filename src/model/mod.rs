@@ -180,7 +180,7 @@ impl FasterNet {
         self.check_input(x)?;
         let x = x.to_dtype(candle_core::DType::F32)?;
         match &self.fast {
-            Some(engine) => engine.forward(&x),
+            Some(engine) => engine.forward_each(&(0..x.dim(0)?).map(|i| x.get(i)).collect::<Result<Vec<_>, _>>()?),
             None => Ok(reference::forward(&self.weights, &x)?),
         }
     }

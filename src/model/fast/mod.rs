@@ -201,16 +201,6 @@ impl FastEngine {
         })
     }
 
-    /// `x`: (batch, 3, H, W) f32, already checked by the caller.
-    pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
-        let (batch, c, h, w) = x.dims4()?;
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let input = cpu_f32(&storage)?;
-        let images: Vec<&[f32]> = input[layout.start_offset()..].chunks_exact(c * h * w).take(batch).collect();
-        self.forward_slices(&images, (c, h, w))
-    }
-
     /// `images`: each (3, H, W) f32 of one shape, already checked by the caller. Read where they
     /// lie: stacking a batch of 16 at 224 first copied 9.6 MB on the calling thread while the
     /// compute threads waited.
@@ -520,7 +510,8 @@ mod tests {
             let portable = FastEngine::with_kernels(&weights, Kernels::Portable).unwrap();
             for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
-                let (got, want) = pool.install(|| (detected.forward(&x).unwrap(), portable.forward(&x).unwrap()));
+                let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
+                let (got, want) = pool.install(|| (detected.forward_each(&images).unwrap(), portable.forward_each(&images).unwrap()));
                 let (got, want) = (got.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
                 let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
