@@ -8,7 +8,8 @@
 //! L2). Any other CPU gets the `gemm` crate on the row-major weights and a separate epilogue
 //! pass: the same results within rounding. Where the CPU has AVX512-BF16, the same tiles can
 //! run on bf16 operands (`vdpbf16ps`: two products per lane and instruction, summed in fp32):
-//! weights are converted once at load time, each product's left operand when it runs.
+//! weights are converted once at load time, each product's left operand when it runs. Where
+//! it also has AMX, bf16 products run on the tile unit instead (`amx.rs`).
 //!
 //! The left operand may be split into column segments read from different places: fc1 reads
 //! the partial convolution's output for the first channels and the untouched input channels
@@ -67,6 +68,9 @@ pub enum Kernels {
     /// The same microkernel on bf16 operands with fp32 accumulators (AVX512-BF16).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512Bf16,
+    /// bf16 operands on AMX tiles (`amx.rs`), fp32 accumulators.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Amx,
     /// The `gemm` crate (its own runtime dispatch) on row-major weights, separate epilogue.
     Portable,
 }
@@ -81,7 +85,16 @@ impl Kernels {
         Self::Portable
     }
 
-    /// bf16 kernels, where the CPU has them.
+    /// Every bf16 kernel set this CPU runs, for tests: on an AMX CPU the AVX-512 one as well.
+    #[cfg(test)]
+    pub fn all_bf16() -> Vec<Self> {
+        match Self::detect_bf16() {
+            Some(Self::Amx) => vec![Self::Avx512Bf16, Self::Amx],
+            other => other.into_iter().collect(),
+        }
+    }
+
+    /// bf16 kernels, where the CPU has them: AMX tiles where it has those too.
     pub fn detect_bf16() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
@@ -89,7 +102,7 @@ impl Kernels {
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
         {
-            return Some(Self::Avx512Bf16);
+            return Some(if super::amx::available() { Self::Amx } else { Self::Avx512Bf16 });
         }
         None
     }
@@ -111,6 +124,8 @@ enum Layout {
     /// The same panels in bf16 with rows in pairs: per pair (2i, 2i + 1), each column's two
     /// values side by side, the operand layout of `vdpbf16ps`; an odd k gets a zero row.
     PanelsBf16(Vec<u16>),
+    /// bf16 tiles for AMX, as `amx::pack` lays them out.
+    TilesAmx(Vec<u16>),
 }
 
 impl Weights {
@@ -121,6 +136,10 @@ impl Weights {
             return Self { k, n, data: Layout::RowMajor(row_major) };
         }
         let at = |i: usize, j: usize| if i < k && j < n { row_major[i * n + j] } else { 0.0 };
+        #[cfg(target_arch = "x86_64")]
+        if kernels == Kernels::Amx {
+            return Self { k, n, data: Layout::TilesAmx(super::amx::pack(k, n, at)) };
+        }
         let panels = || panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)));
         let data = if kernels == Kernels::Avx512Bf16 {
             let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
@@ -180,7 +199,7 @@ pub unsafe fn matmul_bf16(m: usize, a: &[SegmentBf16], w: &Weights, dst: *mut f3
 }
 
 /// f32 to bf16, rounding to nearest even (as `vcvtneps2bf16` does for finite values).
-fn bf16(x: f32) -> u16 {
+pub(super) fn bf16(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -217,8 +236,10 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs
         Layout::Panels(data) => avx512::matmul(m, a, w, data, dst, dst_rs, epilogue),
         #[cfg(target_arch = "x86_64")]
         Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
+        #[cfg(target_arch = "x86_64")]
+        Layout::TilesAmx(data) => super::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
         #[cfg(not(target_arch = "x86_64"))]
-        Layout::Panels(_) | Layout::PanelsBf16(_) => unreachable!("AVX-512 kernels are only selected on x86-64"),
+        Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => unreachable!("AVX-512 kernels are only selected on x86-64"),
     }
 }
 
@@ -252,7 +273,7 @@ unsafe fn portable(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
@@ -371,25 +392,36 @@ mod avx512 {
                 let dst = t.dst.add(r * t.dst_rs);
                 for (v, &sum) in acc.iter().enumerate() {
                     let mask = if v == $nv - 1 { t.mask } else { 0xffff };
-                    let col = t.j0 + 16 * v;
-                    let out = match $epilogue {
-                        Epilogue::Store => sum,
-                        Epilogue::Bias(bias, act) => {
-                            let x = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
-                            match act {
-                                None => x,
-                                Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
-                                Some(Activation::Gelu) => gelu(x),
-                            }
-                        }
-                        Epilogue::Residual(res) => {
-                            _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, res.add((t.r0 + r) * t.dst_rs + col)))
-                        }
-                    };
+                    let out = finished!(sum, mask, t.r0 + r, t.j0 + 16 * v, t.dst_rs, $epilogue);
                     _mm512_mask_storeu_ps(dst.add(16 * v), mask, out);
                 }
             }
         }};
+    }
+
+    /// The epilogue on one vector of sums, at output row `row` (of stride `dst_rs`), column `col`.
+    macro_rules! finished {
+        ($sum:expr, $mask:expr, $row:expr, $col:expr, $dst_rs:expr, $epilogue:expr) => {
+            match $epilogue {
+                Epilogue::Store => $sum,
+                Epilogue::Bias(bias, act) => {
+                    let x = _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, bias.as_ptr().add($col)));
+                    match act {
+                        None => x,
+                        Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
+                        Some(Activation::Gelu) => gelu(x),
+                    }
+                }
+                Epilogue::Residual(res) => _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, res.add($row * $dst_rs + $col))),
+            }
+        };
+    }
+
+    /// `epilogue(sum)` into the `mask`ed lanes of `dst` at row `row`, column `col`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn finish(sum: __m512, mask: __mmask16, row: usize, col: usize, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        _mm512_mask_storeu_ps(dst.add(row * dst_rs + col), mask, finished!(sum, mask, row, col, dst_rs, epilogue));
     }
 
     struct Tile {
@@ -538,7 +570,7 @@ mod tests {
             rng ^= rng << 17;
             (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
-        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100), (9, 5, 48), (21, 8, 112)] {
+        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100), (9, 5, 48), (21, 8, 112), (70, 135, 80)] {
             let mut a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
@@ -555,8 +587,8 @@ mod tests {
             // bf16 kernels: exactly the product of the operands rounded to bf16.
             let round = |v: &[f32]| v.iter().map(|&x| f32::from_bits((bf16(x) as u32) << 16)).collect::<Vec<_>>();
             let rounded = reference(m, k, n, &round(&a), &round(&wm));
-            for kernels in [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::detect_bf16()) {
-                let want = if kernels == Kernels::Avx512Bf16 { &rounded } else { &exact };
+            for kernels in [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::all_bf16()) {
+                let want = if matches!(kernels, Kernels::Avx512Bf16 | Kernels::Amx) { &rounded } else { &exact };
                 let w = Weights::new(k, n, wm.clone(), kernels);
                 for epilogue in [Epilogue::Store, Epilogue::Bias(&bias, Some(Activation::Gelu)), Epilogue::Bias(&bias, Some(Activation::Relu)), Epilogue::Residual(residual.as_ptr())] {
                     let mut got = vec![f32::NAN; m * n];
@@ -583,7 +615,8 @@ mod tests {
     /// partial convolution uses them) give bit for bit what converting per product gives.
     #[test]
     fn bf16_segments_match_the_per_product_conversion() {
-        let Some(kernels) = Kernels::detect_bf16() else {
+        // The partial convolution's kernels in either bf16 engine (AMX's included).
+        let Some(kernels) = Kernels::detect_bf16().map(|_| Kernels::Avx512Bf16) else {
             return eprintln!("skipped: this CPU has no AVX512-BF16");
         };
         let (m, widths, n) = (29, [10, 10, 20], 40);
