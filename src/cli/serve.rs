@@ -73,7 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let model = classifier.model().config();
     tracing::info!(
         model = classifier.name(), weights = %classifier.source().display(), classes = model.num_classes,
-        engine = %classifier.model().engine(),
+        engine = %classifier.model().engine(), kernels = classifier.model().kernels(),
         threads, ?config, preprocessing = ?classifier.preprocessor().config, "configuration"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -90,6 +90,15 @@ impl ModelOutput {
     }
 }
 
+/// Whether the fast-bf16 engine runs on AMX tiles here: the CPU has AMX-BF16 and the OS lets
+/// this process use the tile registers (Linux is asked once, on the first call).
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return fast::amx_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Which implementation runs the forward pass. Both consume the same folded weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
@@ -139,6 +148,11 @@ impl FasterNet {
             Engine::Reference => None,
         };
         Ok(Self { weights, engine, fast })
+    }
+
+    /// The CPU kernels behind the engine, for logs and benchmark headers.
+    pub fn kernels(&self) -> &'static str {
+        self.fast.as_ref().map_or("candle ops", |f| f.kernels())
     }
 
     pub fn engine(&self) -> Engine {

@@ -67,11 +67,6 @@ pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<u16> {
     data
 }
 
-thread_local! {
-    /// The bf16 staging copy of a product's left operand.
-    static LEFT: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Tile configuration (palette 1): all eight tiles 16 rows x 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig {
@@ -99,23 +94,8 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *m
     let (k, n) = (w.k, w.n);
     let kp = k.next_multiple_of(K_STEP);
     let row_blocks = m.div_ceil(TILE);
-    LEFT.with_borrow_mut(|left| {
-        // Rows past m (up to the next 16) are multiplied but never stored: any values do.
-        if left.len() < row_blocks * TILE * kp {
-            left.resize(row_blocks * TILE * kp, 0);
-        }
-        for r in 0..m {
-            let mut row = left.as_mut_ptr().add(r * kp);
-            for s in a {
-                if s.ptr.is_null() {
-                    row.write_bytes(0, s.k);
-                } else {
-                    avx512::to_bf16(s.ptr.add(r * s.stride), s.k, row);
-                }
-                row = row.add(s.k);
-            }
-            row.write_bytes(0, kp - k);
-        }
+    // Rows past m (up to the next 16) are multiplied but never stored: any values do.
+    avx512::with_bf16_rows(m, row_blocks * TILE, a, kp, |left| {
         asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
         let mut sums = [0f32; 4 * TILE * TILE];
         let col_blocks = n.div_ceil(TILE);
@@ -124,7 +104,7 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *m
             let panel = data.as_ptr().add(jb * (kp / K_STEP) * WEIGHT_TILE);
             for ib in (0..row_blocks).step_by(2) {
                 let two_rows = ib + 1 < row_blocks;
-                let x = left.as_ptr().add(ib * TILE * kp);
+                let x = left.add(ib * TILE * kp);
                 match (two_rows, two_cols) {
                     (true, true) => block::<true, true>(x, kp, panel, sums.as_mut_ptr()),
                     (true, false) => block::<true, false>(x, kp, panel, sums.as_mut_ptr()),

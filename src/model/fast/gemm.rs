@@ -94,6 +94,16 @@ impl Kernels {
         }
     }
 
+    /// For logs and benchmark headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512 => "AVX-512",
+            Self::Avx512Bf16 => "AVX512-BF16",
+            Self::Amx => "AMX bf16 tiles",
+            Self::Portable => "portable (gemm crate)",
+        }
+    }
+
     /// bf16 kernels, where the CPU has them: AMX tiles where it has those too.
     pub fn detect_bf16() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
@@ -306,15 +316,16 @@ pub(super) mod avx512 {
         static LEFT_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// As `matmul`, on bf16 operands: the segments are converted into one bf16 row per input
-    /// row first (zero segments and an odd k's pad as zeros), then each tile multiplies pairs.
+    /// `run(rows)` on the `m` rows of segments `a` converted to bf16 rows of `kp` values (zero
+    /// segments and the padding past their k as zeros) in this thread's staging buffer, which
+    /// holds at least `capacity` >= m such rows (the ones past m hold any values).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn matmul_bf16(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
-        let kp = w.k.next_multiple_of(2);
+    pub unsafe fn with_bf16_rows(m: usize, capacity: usize, a: &[Segment], kp: usize, run: impl FnOnce(*const u16)) {
         LEFT_BF16.with_borrow_mut(|left| {
-            if left.len() < m * kp {
-                left.resize(m * kp, 0);
+            if left.len() < capacity * kp {
+                left.resize(capacity * kp, 0);
             }
+            let k: usize = a.iter().map(|s| s.k).sum();
             for r in 0..m {
                 let mut row = left.as_mut_ptr().add(r * kp);
                 for s in a {
@@ -325,11 +336,19 @@ pub(super) mod avx512 {
                     }
                     row = row.add(s.k);
                 }
-                if w.k % 2 == 1 {
-                    row.write(0);
-                }
+                row.write_bytes(0, kp - k);
             }
-            matmul_bf16_segments(m, &[SegmentBf16 { ptr: left.as_ptr(), stride: kp, k: kp }], w, data, dst, dst_rs, epilogue);
+            run(left.as_ptr());
+        });
+    }
+
+    /// As `matmul`, on bf16 operands: the segments are converted into one bf16 row per input
+    /// row first (an odd k padded with a zero), then each tile multiplies pairs.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub unsafe fn matmul_bf16(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+        let kp = w.k.next_multiple_of(2);
+        with_bf16_rows(m, m, a, kp, |left| {
+            matmul_bf16_segments(m, &[SegmentBf16 { ptr: left, stride: kp, k: kp }], w, data, dst, dst_rs, epilogue);
         });
     }
 

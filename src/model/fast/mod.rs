@@ -19,6 +19,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub use amx::available as amx_available;
 mod gemm;
 mod kernels;
 mod winograd;
@@ -63,6 +65,8 @@ struct Stage {
 }
 
 pub struct FastEngine {
+    /// The kernels of the network body's products.
+    kernels: Kernels,
     act: Activation,
     stem: Dense,
     stages: Vec<Stage>,
@@ -197,6 +201,7 @@ impl FastEngine {
             .collect::<Result<_, ModelError>>()?;
         let features = w.classifier_weight.dim(1)?;
         Ok(Self {
+            kernels,
             act: w.config.act,
             stem: dense(&w.stem, false, fp32)?,
             stages,
@@ -204,6 +209,11 @@ impl FastEngine {
             classifier: Dense { w: transpose(&w.classifier_weight, fp32)?, bias: to_vec(&w.classifier_bias)? },
             buffers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Which kernels run the network body's products, e.g. "AMX bf16 tiles".
+    pub fn kernels(&self) -> &'static str {
+        self.kernels.name()
     }
 
     /// `images`: each (3, H, W) f32 of one shape, already checked by the caller. Read where they
