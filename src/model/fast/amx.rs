@@ -25,8 +25,8 @@ const WEIGHT_TILE: usize = K_STEP * TILE;
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let edx = __cpuid_count(7, 0).edx;
+        // CPUID leaf 7 (where the CPU has it): EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let edx = if __get_cpuid_max(0).0 >= 7 { __cpuid_count(7, 0).edx } else { 0 };
         edx & (1 << 22) != 0 && edx & (1 << 24) != 0 && request_tile_permission()
     })
 }
