@@ -173,7 +173,8 @@ impl Weights {
         Self { k, n, data }
     }
 
-    /// Whether products with these weights run in bf16 (`Kernels::Avx512Bf16`).
+    /// Whether these weights take left operands already in bf16 (`matmul_bf16`): the panels of
+    /// `Kernels::Avx512Bf16`. (AMX weights also multiply in bf16 but stage their own operand.)
     pub fn is_bf16(&self) -> bool {
         matches!(self.data, Layout::PanelsBf16(_))
     }
@@ -634,7 +635,8 @@ mod tests {
     /// partial convolution uses them) give bit for bit what converting per product gives.
     #[test]
     fn bf16_segments_match_the_per_product_conversion() {
-        // The partial convolution's kernels in either bf16 engine (AMX's included).
+        // The only kernels that take pre-converted segments (the AVX512-BF16 engine's partial
+        // convolution); on an AMX CPU too, where the engine itself does not use them.
         let Some(kernels) = Kernels::detect_bf16().map(|_| Kernels::Avx512Bf16) else {
             return eprintln!("skipped: this CPU has no AVX512-BF16");
         };

@@ -103,7 +103,8 @@ thread_local! {
     /// Per-thread tile scratch: gathered patches (edge pixels, or a merge's) and the edge
     /// pixels' outputs, the partial convolution's output and the hidden activations.
     static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
-    /// bf16 engine: the partial convolution's input channels of a tile and its neighbour rows.
+    /// AVX512-BF16 engine: the partial convolution's input channels of a tile and its
+    /// neighbour rows.
     static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -429,8 +430,9 @@ impl FastEngine {
 /// channels), directly: a row's inner pixels read the input as nine shifted segments (taps
 /// above the first or below the last row are skipped); only the two edge pixels of each row,
 /// whose windows reach into the zero padding, are gathered (im2col) into `col`, all of the
-/// tile's in one product into `edge_out`. In bf16, the cp channels of the tile's rows and their
-/// neighbours are converted once, for the nine taps to read as shifted segments.
+/// tile's in one product into `edge_out`. With AVX512-BF16 weights, the cp channels of the tile's
+/// rows and their neighbours are converted once, for the nine taps to read as shifted segments
+/// (AMX weights convert the nine taps into their own staging rows).
 fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<usize>, [col, edge_out]: [&mut Vec<f32>; 2], mixed: &mut [f32]) {
     let (dim, cp) = (b.dim, b.cp);
     let image_rows = x.len() / (dim * w);
