@@ -42,6 +42,16 @@ def onnx_path(variant, size):
     return os.path.join(CACHE_DIR, f"fasternet_{variant}_{size}.onnx")
 
 
+def ort_session_options(threads):
+    """ONNX Runtime's session options for a measurement: `threads` intra-op threads, one
+    inter-op thread, every graph optimisation."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 def worker_env(threads):
     env = dict(os.environ)
     # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set in this machine's environment and slow
@@ -115,10 +125,7 @@ def run_worker(a):
     elif a.worker == "onnxruntime":
         import numpy as np
         import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(onnx_path(variant, a.size), so,
+        sess = ort.InferenceSession(onnx_path(variant, a.size), ort_session_options(a.threads),
                                     providers=["CPUExecutionProvider"])
 
         def make_step(b):

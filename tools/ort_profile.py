@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from bench import onnx_path
+from bench import onnx_path, ort_session_options
 
 
 def role(node):
@@ -48,9 +48,7 @@ def main():
     model = onnx_path(a.variant, a.size)
     if not os.path.exists(model):
         raise SystemExit(f"{model} not found: run tools/bench.py --engines onnxruntime --variants {a.variant} first")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = ort_session_options(a.threads)
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = os.path.join(tmp, "ort")
