@@ -97,6 +97,21 @@ fn the_pixel_limit_is_checked_from_the_header_before_decoding() {
     assert!(err.to_string().contains("over the limit of 50000000"), "{err}");
 }
 
+#[test]
+fn small_images_are_told_apart_by_their_header() {
+    let bundled = Preprocessor::new(PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() }, 50_000_000);
+    let imagenet = Preprocessor::new(PreprocessConfig::imagenet(), 50_000_000);
+    let fashion = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion_mnist_t10k_0.png")).unwrap();
+    assert!(bundled.is_small(&fashion), "28x28 in, 64x64 out");
+    assert!(!imagenet.is_small(&fashion), "28x28 in, but resized to 248x248");
+    let chelsea = std::fs::read(fixtures().join("inputs/chelsea.png")).unwrap();
+    assert!(!bundled.is_small(&chelsea), "451x300 in");
+    assert!(!bundled.is_small(b"plain words"), "no header: the error comes from the full decoder");
+    // A 29-byte GIF whose header claims 65535x65535.
+    let gif = [b"GIF89a".as_slice(), &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x02, 0x02, 0x44, 0x01, 0, 0x3b]].concat();
+    assert!(!bundled.is_small(&gif));
+}
+
 /// Inserts an EXIF APP1 segment with the given orientation right after a JPEG's SOI marker.
 fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
     let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0".to_vec();

@@ -1,5 +1,6 @@
 //! HTTP handlers, the router and the OpenAPI document.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -210,18 +211,26 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
     tokio::time::timeout(timeout, work).await.map_err(|_| ApiError::Timeout(timeout.as_millis() as u64))?
 }
 
-/// Decoding and preprocessing run on the blocking pool, at most `preprocess_threads` at once.
+/// Decoding and preprocessing run on the blocking pool, at most `preprocess_threads` at once;
+/// small images (`Preprocessor::is_small`, e.g. the bundled model's 28x28 uploads) right here,
+/// where the two thread hand-offs would cost more CPU than the work. A decoder panic fails
+/// only its image, either way.
 async fn prepare(state: &Arc<AppState>, image: EncodedImage) -> Result<candle_core::Tensor, ImageError> {
-    let _permit = state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    let run = |state: &AppState, bytes: &[u8]| {
         let start = Instant::now();
-        let result = state.classifier.prepare(&image.bytes);
+        let result = catch_unwind(AssertUnwindSafe(|| state.classifier.prepare(bytes)))
+            .unwrap_or_else(|_| Err(ImageError::Corrupt("the decoder crashed on this image".into())));
         state.metrics.preprocess_duration.observe(start.elapsed().as_secs_f64());
         result
-    })
-    .await
-    .unwrap_or_else(|e| Err(ImageError::Corrupt(format!("decoder crashed: {e}"))))
+    };
+    if state.classifier.preprocessor().is_small(&image.bytes) {
+        return run(state, &image.bytes);
+    }
+    let _permit = state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || run(&state, &image.bytes))
+        .await
+        .unwrap_or_else(|e| Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}"))))
 }
 
 fn image_error(index: usize, filename: &Option<String>, e: ImageError) -> ApiError {
