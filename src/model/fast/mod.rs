@@ -169,7 +169,7 @@ impl FastEngine {
     }
 
     fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
-        let fp32 = if matches!(kernels, Kernels::Avx512Bf16 | Kernels::Amx) { Kernels::Avx512 } else { kernels };
+        let fp32 = if kernels.is_bf16() { Kernels::Avx512 } else { kernels };
         let dense = |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
             let w = if nhwc { conv_nhwc_matrix(&conv.weight, kernels)? } else { transpose(&conv.weight, kernels)? };
             Ok(Dense { w, bias: to_vec(&conv.bias)? })
@@ -365,6 +365,8 @@ impl FastEngine {
         let (dim, cp) = (b.dim, b.cp);
         let images = x.len() / (dim * h * w);
         let out_ptr = Out(out.as_mut_ptr());
+        // fc2 rounds the bf16 engine's hidden activations to bf16: a GELU good to 1e-4 does.
+        let bf16_gelu = self.act == Activation::Gelu && self.kernels.is_bf16();
         let act = self.act;
         let row_floats = w * (b.hidden + 2 * dim + cp);
         // Winograd's tiles are made of row pairs; where tiles shared by several threads would
@@ -398,7 +400,8 @@ impl FastEngine {
                 // scratch tiles cover the tile's rows.
                 unsafe {
                     let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
-                    matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, Epilogue::Bias(&b.fc1_bias, Some(act)));
+                    let fc1_epilogue = if bf16_gelu { Epilogue::BiasGeluBf16(&b.fc1_bias) } else { Epilogue::Bias(&b.fc1_bias, Some(act)) };
+                    matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, fc1_epilogue);
                     let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
                     matmul(n, &hidden, &b.fc2, out_ptr.at(g.start * w * dim), dim, Epilogue::Residual(x_tile));
                 }
