@@ -40,7 +40,8 @@ pub struct ServeArgs {
     /// Labels per image when the request gives no top_k.
     #[arg(long, env = "FASTERNET_DEFAULT_TOP_K", default_value_t = 5)]
     default_top_k: usize,
-    /// Images decoded at once (default: the compute threads).
+    /// Images decoded at once on the blocking pool (default: the compute threads); small ones
+    /// (e.g. 28x28 uploads) are decoded right on the HTTP workers.
     #[arg(long, env = "FASTERNET_PREPROCESS_THREADS")]
     preprocess_threads: Option<usize>,
     /// Seconds open requests may take to finish after SIGTERM/SIGINT.

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
-pub use decode::{decode, dimensions, ImageError, DEFAULT_MAX_PIXELS};
+pub use decode::{decode, ImageError, DEFAULT_MAX_PIXELS};
 
 use crate::model::HubConfig;
 
@@ -138,7 +138,7 @@ impl Preprocessor {
         if bytes.len() > SMALL_UPLOAD_BYTES {
             return false;
         }
-        let Some((w, h)) = dimensions(bytes) else { return false };
+        let Some((w, h)) = decode::dimensions(bytes) else { return false };
         let (rw, rh) = transform::resize_target(&self.config, w, h);
         (w as u64 * h as u64).saturating_add(rw as u64 * rh as u64) <= SMALL_IMAGE_PIXELS
     }
