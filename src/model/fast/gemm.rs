@@ -184,7 +184,7 @@ impl Weights {
 
     /// Whether these weights take left operands already in bf16 (`matmul_bf16`): the panels of
     /// `Kernels::Avx512Bf16`. (AMX weights also multiply in bf16 but stage their own operand.)
-    pub fn is_bf16(&self) -> bool {
+    pub fn takes_bf16_segments(&self) -> bool {
         matches!(self.data, Layout::PanelsBf16(_))
     }
 }
@@ -193,8 +193,8 @@ impl Weights {
 /// left operand of `matmul_bf16`: for an operand that several products read, converted once.
 ///
 /// # Safety
-/// Only where some `Weights::is_bf16()` (the CPU has AVX512-BF16); the pointers must cover
-/// the rows.
+/// Only where some `Weights::takes_bf16_segments()` (the CPU has AVX512-BF16); the pointers
+/// must cover the rows.
 pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize, dst: *mut u16) {
     #[cfg(target_arch = "x86_64")]
     for r in 0..rows {
@@ -204,7 +204,7 @@ pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize
     unreachable!("bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})")
 }
 
-/// `matmul` with weights for which `is_bf16()` and a left operand already in bf16.
+/// `matmul` with weights for which `takes_bf16_segments()` and a left operand already in bf16.
 ///
 /// # Safety
 /// As `matmul`; moreover every segment's `k` is even.

@@ -449,7 +449,7 @@ fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<us
         let bf16_from = g.start.saturating_sub(1);
         let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
         let mut xb = Vec::new();
-        if b.partial.is_bf16() && w > 2 && cp % 2 == 0 {
+        if b.partial.takes_bf16_segments() && w > 2 && cp % 2 == 0 {
             xb = SCRATCH_BF16.take();
             xb.resize(xb.len().max(bf16_rows * w * cp), 0);
             to_bf16_rows(x.as_ptr().add(bf16_from * w * dim), dim, bf16_rows * w, cp, xb.as_mut_ptr());
