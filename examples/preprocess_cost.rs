@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use fasternet_serve::preprocess::{decode, transform, PreprocessConfig, Preprocessor};
 
-/// The service's allocator (see src/main.rs): glibc's malloc would add page faults per image.
+/// The service's allocator (see src/allocator.rs): glibc's malloc would add page faults per image.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fasternet_serve::allocator::ServerAllocator = fasternet_serve::allocator::ServerAllocator;
 
 fn main() {
     let mut args = std::env::args().skip(1);

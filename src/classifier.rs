@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::labels::Labels;
-use crate::model::{Checkpoint, Engine, FasterNet, ModelError, ModelOutput, Variant};
+use crate::model::{Checkpoint, Engine, FasterNet, HubConfig, ModelError, ModelOutput, Variant};
 use crate::preprocess::{ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS};
 
 /// Where the bundled model lives, relative to the working directory.
@@ -71,6 +71,7 @@ impl Classifier {
             }
         };
         let bad_config = |reason: String| ModelError::checkpoint(&source, reason);
+        check_hub_config(&hub, model.config()).map_err(bad_config)?;
         let mut preprocess = PreprocessConfig::from_hub(&hub).map_err(bad_config)?;
         if let Some(crop_pct) = options.crop_pct {
             preprocess.crop_pct = crop_pct;
@@ -146,6 +147,26 @@ impl Classifier {
             .map(|i| Prediction { label: self.labels.get(i).to_string(), class_index: i, score: probabilities[i] })
             .collect()
     }
+}
+
+/// config.json must describe the checkpoint it comes with: a wrong class count or
+/// architecture there means mislabelled answers or a wrong preprocessing, served silently.
+fn check_hub_config(hub: &HubConfig, model: &crate::model::FasterNetConfig) -> Result<(), String> {
+    if let Some(named) = hub.architecture.as_deref() {
+        match (named.parse::<Variant>(), model.variant()) {
+            (Ok(said), Some(found)) if said != found => {
+                return Err(format!("config.json names architecture `{named}` but the checkpoint's tensors are fasternet_{found}"))
+            }
+            (Ok(said), None) => return Err(format!("config.json names architecture `{named}` but the checkpoint's tensors match no preset (fasternet_{said} expected)")),
+            _ => {}
+        }
+    }
+    for (field, value) in [("num_classes", hub.num_classes), ("pretrained_cfg.num_classes", hub.pretrained_cfg.num_classes)] {
+        if let Some(n) = value.filter(|&n| n != model.num_classes) {
+            return Err(format!("config.json says {field} = {n} but the checkpoint's classifier has {} classes", model.num_classes));
+        }
+    }
+    Ok(())
 }
 
 /// Scales a vector to unit L2 norm (a zero vector stays zero).

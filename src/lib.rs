@@ -5,7 +5,9 @@
 //! - [`labels`]: class names.
 //! - [`classifier`]: the three together, the API the CLI and the server call.
 //! - [`server`]: the HTTP service (axum) with its batching queue and inference worker.
+//! - [`allocator`]: the binary's allocator (mimalloc, large blocks straight from the OS).
 
+pub mod allocator;
 pub mod classifier;
 pub mod labels;
 pub mod model;

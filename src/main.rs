@@ -2,11 +2,9 @@ mod cli;
 
 use std::process::ExitCode;
 
-/// mimalloc rather than glibc's malloc: glibc hands the top of its heap back to the kernel
-/// after large frees, so every request's image buffers (hundreds of KB) came back as fresh page
-/// faults, 0.3-0.5 ms per upload (`examples/preprocess_cost.rs`).
+/// mimalloc, with large blocks mapped directly: see `fasternet_serve::allocator`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fasternet_serve::allocator::ServerAllocator = fasternet_serve::allocator::ServerAllocator;
 
 fn main() -> ExitCode {
     match cli::main_with_args(std::env::args_os().collect()) {

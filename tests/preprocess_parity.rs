@@ -1,6 +1,8 @@
 //! Decoding + resize + crop against timm's eval transform (fixtures from
 //! tools/gen_preprocess_fixtures.py: real photos through PIL and timm's create_transform).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use fasternet_serve::preprocess::{decode, ImageError, Interpolation, PreprocessConfig, Preprocessor};
@@ -101,27 +103,16 @@ fn the_pixel_limit_is_checked_from_the_header_before_decoding() {
 fn small_images_are_told_apart_by_their_header() {
     let bundled = Preprocessor::new(PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() }, 50_000_000);
     let imagenet = Preprocessor::new(PreprocessConfig::imagenet(), 50_000_000);
+    let small = |p: &Preprocessor, bytes: &[u8]| p.plan(bytes).is_ok_and(|plan| p.is_small(&plan));
     let fashion = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion_mnist_t10k_0.png")).unwrap();
-    assert!(bundled.is_small(&fashion), "28x28 in, 64x64 out");
-    assert!(!imagenet.is_small(&fashion), "28x28 in, but resized to 248x248");
+    assert!(small(&bundled, &fashion), "28x28 in, 64x64 out");
+    assert!(!small(&imagenet, &fashion), "28x28 in, but resized to 248x248");
     let chelsea = std::fs::read(fixtures().join("inputs/chelsea.png")).unwrap();
-    assert!(!bundled.is_small(&chelsea), "451x300 in");
-    assert!(!bundled.is_small(b"plain words"), "no header: the error comes from the full decoder");
+    assert!(!small(&bundled, &chelsea), "451x300 in");
+    assert!(!small(&bundled, b"plain words"), "no header: the error comes from the full decoder");
     // A 29-byte GIF whose header claims 65535x65535.
     let gif = [b"GIF89a".as_slice(), &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x02, 0x02, 0x44, 0x01, 0, 0x3b]].concat();
-    assert!(!bundled.is_small(&gif));
-}
-
-/// Inserts an EXIF APP1 segment with the given orientation right after a JPEG's SOI marker.
-fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
-    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0".to_vec();
-    exif.extend_from_slice(&[orientation, 0, 0, 0, 0, 0, 0]);
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xff, 0xe1]);
-    out.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
-    out.extend_from_slice(&exif);
-    out.extend_from_slice(&jpeg[2..]);
-    out
+    assert!(!small(&bundled, &gif));
 }
 
 #[test]
@@ -134,7 +125,7 @@ fn exif_orientation_is_applied() {
     assert_eq!(plain.dimensions(), (40, 20));
     // Orientation 6: the stored image must be rotated 90 degrees clockwise for display, so
     // the white left half ends up on top.
-    let rotated = decode(&with_exif_orientation(&jpeg, 6), 1_000_000).unwrap();
+    let rotated = decode(&common::with_exif_orientation(&jpeg, 6), 1_000_000).unwrap();
     assert_eq!(rotated.dimensions(), (20, 40));
     assert!(rotated.get_pixel(10, 5)[0] > 200, "top should be white");
     assert!(rotated.get_pixel(10, 35)[0] < 50, "bottom should be black");

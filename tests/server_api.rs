@@ -230,3 +230,30 @@ async fn the_healthcheck_command_follows_readiness() {
     let down = tokio::task::spawn_blocking(move || check(port)).await.unwrap();
     assert!(!down.status.success(), "a stopped server must fail the health check");
 }
+
+/// Schemathesis (PyPI) fuzzes every operation from /openapi.json as served: schema-valid
+/// requests must be accepted (its hooks put real images in the bodies), schema-violating ones
+/// refused, and every answer must match its documented status, type and schema.
+#[tokio::test]
+async fn the_api_keeps_its_openapi_contract_under_schemathesis() {
+    if !require_tool("st", "pip install schemathesis") {
+        return;
+    }
+    let s = Server::start(&[]).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis");
+    let url = s.url("/openapi.json");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("st")
+            .args(["run", &url, "--max-examples", "100", "--phases", "examples,fuzzing", "--seed", "1"])
+            .current_dir(&dir)
+            .env("SCHEMATHESIS_HOOKS", "hooks")
+            .env("PYTHONPATH", &dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found problems:\n{report}");
+    eprintln!("{}", report.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
+}

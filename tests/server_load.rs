@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use common::{fixture, small_png, Server};
 use futures_util::future::join_all;
 
@@ -99,17 +100,34 @@ async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answere
 
 #[tokio::test]
 async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
-    // The worker holds a lone image for 800 ms hoping for company; the request gives up at 200.
-    let s = Server::start(&["--request-timeout-ms", "200", "--max-batch-delay-ms", "800"]).await;
+    // The reference engine takes about a second for a batch of 32 at 224x224 on two cores: a
+    // request queued behind such a batch gives up (300 ms) before the worker gets to it.
+    let s = Server::start(&["--random-init", "t0", "--engine", "reference", "--max-batch-size", "32", "--max-batch-delay-ms", "0", "--request-timeout-ms", "300"]).await;
     let c = reqwest::Client::new();
-    let r = classify(&c, &s, small_png(5)).await;
+    let busy = serde_json::json!({"images": (0..32).map(|i| base64::engine::general_purpose::STANDARD.encode(small_png(i))).collect::<Vec<_>>()});
+    let filler = tokio::spawn({
+        let (c, url) = (c.clone(), s.url("/classify"));
+        async move { c.post(url).json(&busy).send().await.unwrap().status().as_u16() }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.metric("fasternet_queue_depth").await > 0.0 || s.metric("fasternet_preprocess_duration_seconds_count").await < 32.0 {
+        assert!(Instant::now() < deadline, "the filler batch never reached the worker");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await; // from preprocessed to queued
+    let r = classify(&c, &s, small_png(99)).await;
     assert_eq!(r.status(), 504);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "timeout");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(filler.await.unwrap(), 504, "the filler batch outlasts the timeout too");
+    while s.metric("fasternet_batch_size_count").await < 1.0 || s.metric("fasternet_cancelled_images_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the worker never finished the filler batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Warm-up passes are not counted; the abandoned image was dropped, not computed.
     assert_eq!(s.metric("fasternet_cancelled_images_total").await, 1.0);
-    // Warm-up passes are not counted; no forward pass ran for the abandoned image.
-    assert_eq!(s.metric("fasternet_batch_size_count").await, 0.0);
+    assert_eq!(s.metric("fasternet_batch_size_count").await, 1.0);
+    assert_eq!(s.metric("fasternet_batch_size_sum").await, 32.0);
 }
 
 #[tokio::test]

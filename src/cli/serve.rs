@@ -1,10 +1,16 @@
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytesize::ByteSize;
 use clap::Args;
 
+use fasternet_serve::server::auth::ApiKeys;
 use fasternet_serve::server::batcher::BatchConfig;
+use fasternet_serve::server::input::BodyLimits;
+use fasternet_serve::server::listener::ConnectionConfig;
+use fasternet_serve::server::memory::default_budget;
 use fasternet_serve::server::{serve, ServeConfig, Stopped};
 use fasternet_serve::Classifier;
 
@@ -31,12 +37,45 @@ pub struct ServeArgs {
     /// Requests not answered within this get 504.
     #[arg(long, env = "FASTERNET_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     request_timeout_ms: u64,
-    /// Largest request body in bytes (413 above).
-    #[arg(long, env = "FASTERNET_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
-    body_limit: usize,
-    /// Most images in one request (413 above); at most the queue capacity.
-    #[arg(long, env = "FASTERNET_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
-    max_images_per_request: usize,
+    /// Largest request body (413 above), in bytes or with a unit (16MiB).
+    #[arg(long, env = "FASTERNET_BODY_LIMIT", default_value = "16MiB")]
+    body_limit: ByteSize,
+    /// Most images in one request (413 above); at most the queue capacity (default: 64, or
+    /// the queue capacity if smaller).
+    #[arg(long, env = "FASTERNET_MAX_IMAGES_PER_REQUEST")]
+    max_images_per_request: Option<usize>,
+    /// Memory the whole process is held under, in bytes or with a unit (768MiB, 2GiB).
+    /// Default: 3/4 of the container's memory limit, else 2 GiB (or 3/4 of the machine's
+    /// memory if smaller).
+    #[arg(long, env = "FASTERNET_MEMORY_BUDGET")]
+    memory_budget: Option<ByteSize>,
+    /// Longest wait for memory held by other requests before a 503.
+    #[arg(long, env = "FASTERNET_MEMORY_WAIT_MS", default_value_t = 1000)]
+    memory_wait_ms: u64,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    #[arg(long, env = "FASTERNET_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+    /// Time a client has to send a request's head once it has started sending it.
+    #[arg(long, env = "FASTERNET_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// Time an idle keep-alive connection stays open (longer than the idle timeout of a load
+    /// balancer in front, so that it never sends on a connection being closed).
+    #[arg(long, env = "FASTERNET_KEEP_ALIVE_TIMEOUT_MS", default_value_t = 75_000)]
+    keep_alive_timeout_ms: u64,
+    /// Longest pause while a request body arrives (408 after it).
+    #[arg(long, env = "FASTERNET_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    body_read_timeout_ms: u64,
+    /// API key required as `Authorization: Bearer <key>` on the API routes (repeatable; in
+    /// the environment, comma-separated). The probes stay open.
+    #[arg(long = "api-key", env = "FASTERNET_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// File with API keys, one per line (`#` comments), added to --api-key: list the old and
+    /// the new key while rotating.
+    #[arg(long, env = "FASTERNET_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Require an API key on /metrics too.
+    #[arg(long, env = "FASTERNET_PROTECT_METRICS")]
+    protect_metrics: bool,
     /// Labels per image when the request gives no top_k.
     #[arg(long, env = "FASTERNET_DEFAULT_TOP_K", default_value_t = 5)]
     default_top_k: usize,
@@ -52,8 +91,16 @@ pub struct ServeArgs {
     pub log_format: String,
 }
 
+const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 64;
+
 pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let threads = init_threads(args.model.threads);
+    let http_threads = threads.clamp(1, 4);
+    let (memory_budget, budget_source) = match args.memory_budget {
+        Some(budget) => (budget.as_u64(), "--memory-budget".to_string()),
+        None => default_budget(),
+    };
+    let api_keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref()).map_err(anyhow::Error::msg)?;
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),
         batch: BatchConfig {
@@ -62,11 +109,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
             queue_capacity: args.queue_capacity,
         },
         request_timeout: Duration::from_millis(args.request_timeout_ms),
-        body_limit: args.body_limit,
-        max_images_per_request: args.max_images_per_request,
+        body: BodyLimits {
+            max_bytes: usize::try_from(args.body_limit.as_u64()).context("--body-limit")?,
+            read_timeout: Duration::from_millis(args.body_read_timeout_ms),
+            memory_wait: Duration::from_millis(args.memory_wait_ms),
+        },
+        max_images_per_request: args.max_images_per_request.unwrap_or(DEFAULT_MAX_IMAGES_PER_REQUEST.min(args.queue_capacity)),
         default_top_k: args.default_top_k,
         preprocess_threads: args.preprocess_threads.unwrap_or(threads),
+        http_threads,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+        connections: ConnectionConfig {
+            max_connections: args.max_connections,
+            header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+            keep_alive_timeout: Duration::from_millis(args.keep_alive_timeout_ms),
+        },
+        memory_budget,
+        memory_wait: Duration::from_millis(args.memory_wait_ms),
+        api_keys,
+        protect_metrics: args.protect_metrics,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let classifier = Classifier::load(&args.model.load_options())
@@ -75,13 +136,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     tracing::info!(
         model = classifier.name(), weights = %classifier.source().display(), classes = model.num_classes,
         engine = %classifier.model().engine(), kernels = classifier.model().kernels(),
-        threads, ?config, preprocessing = ?classifier.preprocessor().config, "configuration"
+        threads, memory_budget, budget_source, ?config, preprocessing = ?classifier.preprocessor().config, "configuration"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.clamp(1, 4))
+        .worker_threads(http_threads)
         .enable_all()
         .build()?;
-    let stopped = runtime.block_on(serve(classifier, config, shutdown_signal(), |_| {}))?;
+    let stopped = runtime.block_on(serve(classifier, config, shutdown_signal()))?;
     Ok(if stopped == Stopped::Drained { 0 } else { 1 })
 }
 

@@ -101,6 +101,9 @@ impl FasterNetConfig {
     pub const FEATURE_DIM: usize = 1280;
     /// Smallest input side: the stem (/4) and three merges (/2 each) must leave one pixel.
     pub const MIN_INPUT_SIDE: usize = 32;
+    /// Largest input side served: 9x the published 224. Memory for the activations grows with
+    /// its square; the server checks the batch at this size against its budget too.
+    pub const MAX_INPUT_SIDE: usize = 2048;
 
     pub fn preset(variant: Variant, num_classes: usize) -> Self {
         let (embed_dim, depths, act) = variant.shape();

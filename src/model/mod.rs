@@ -189,6 +189,25 @@ impl FasterNet {
         Ok(())
     }
 
+    /// Most bytes a forward pass over `batch` images of `height` x `width` allocates beyond
+    /// the weights: the activations and the engine's buffers. An upper bound measured on both
+    /// engines (`tests/server_limits.rs`), for checking a batch size against a memory budget
+    /// before running it.
+    pub fn forward_bytes(&self, batch: usize, (height, width): (usize, usize)) -> u64 {
+        // The first stage's activation map is the largest; the fast engine keeps two of them
+        // (ping-pong buffers) and more for the threads' own images, candle's ops several, with
+        // the MLP's hidden layer twice as wide. Measured use is 0.25-0.85 of this for t0..t2
+        // at batch 1 to 64.
+        let first_stage = (height / 4 * (width / 4) * self.config().embed_dim * std::mem::size_of::<f32>()) as u64;
+        let input = (3 * height * width * std::mem::size_of::<f32>()) as u64;
+        let per_image = match self.engine {
+            Engine::Reference => 10 * first_stage + 2 * input,
+            Engine::Fast | Engine::FastBf16 => 4 * first_stage + input,
+        };
+        // Thread-local tile scratch and packing buffers.
+        batch as u64 * per_image + (32 << 20)
+    }
+
     /// `x`: (batch, 3, H, W) f32 with H, W >= 32, normalised as the checkpoint expects.
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
         self.check_input(x)?;

@@ -1,13 +1,59 @@
-//! Bytes to an 8-bit RGB image: format sniffing, a pixel limit checked from the header before
-//! any pixel is decoded, EXIF orientation, and PIL's `convert('RGB')` semantics (grey is
+//! Bytes to an 8-bit RGB image: format sniffing, limits checked from the header before any
+//! pixel is decoded, EXIF orientation, and PIL's `convert('RGB')` semantics (grey is
 //! replicated, alpha is dropped without compositing, palettes are expanded).
+//!
+//! Decoding is two steps so that a caller can admit the memory first: [`Header::read`] parses
+//! only the header (its metadata allocations capped at [`METADATA_LIMIT`]) and says what the
+//! decoder will need ([`Header::decoder_bytes`]); [`Header::decode`] then decodes with the
+//! decoder's own allocation limit set to that figure.
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::metadata::Orientation;
 
 /// Largest image accepted by default: 50 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
+
+/// Most bytes a decoder may keep for metadata (ICC profiles, text chunks) while it reads a
+/// header. Compressed PNG chunks can inflate a thousandfold, so this is what keeps a small
+/// upload from becoming a large allocation. Real ICC profiles and XMP packets are well under
+/// 1 MiB. Compressed metadata that inflates past it is cut off and dropped (colour profiles are
+/// not applied anyway, as in PIL); an uncompressed chunk over it refuses the image.
+pub const METADATA_LIMIT: u64 = 2 << 20;
+
+/// Most bytes reading one header allocates at once: the chunk's compressed bytes and the
+/// inflated metadata, both under [`METADATA_LIMIT`], and the inflate buffer's last growth
+/// (old and new buffer together). Measured in `tests/hostile_inputs.rs`.
+pub const HEADER_READ_BYTES: u64 = 4 * METADATA_LIMIT;
+
+/// Working memory a decoder may use beyond its output buffer, as a multiple of the output's
+/// bytes and of the encoded input's, plus a constant. Upper bounds measured with a counting
+/// allocator over every format, bit depth and JPEG mode (`tests/hostile_inputs.rs` fails if a
+/// decoder ever needs more than its [`Header::decoder_bytes`]).
+struct DecoderCost {
+    per_output_byte: u64,
+    per_input_byte: u64,
+    constant: u64,
+}
+
+fn decoder_cost(format: ImageFormat) -> DecoderCost {
+    const MIB: u64 = 1 << 20;
+    match format {
+        // image's JpegDecoder copies the input; zune-jpeg keeps the coefficients of progressive
+        // scans (2 bytes per sample) and component planes before colour conversion.
+        ImageFormat::Jpeg => DecoderCost { per_output_byte: 4, per_input_byte: 2, constant: MIB },
+        // Rows and the inflate window; metadata is capped separately.
+        ImageFormat::Png => DecoderCost { per_output_byte: 1, per_input_byte: 0, constant: HEADER_READ_BYTES + MIB },
+        // Lossless WebP decodes into 32-bit ARGB before the output; lossy into YUV planes.
+        ImageFormat::WebP => DecoderCost { per_output_byte: 3, per_input_byte: 1, constant: MIB },
+        // The canvas and the frame's indices.
+        ImageFormat::Gif => DecoderCost { per_output_byte: 2, per_input_byte: 0, constant: MIB },
+        // Strips or tiles are decompressed into intermediate buffers.
+        ImageFormat::Tiff => DecoderCost { per_output_byte: 2, per_input_byte: 1, constant: MIB },
+        _ => DecoderCost { per_output_byte: 2, per_input_byte: 1, constant: MIB },
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -17,46 +63,199 @@ pub enum ImageError {
     Unsupported,
     #[error("image declares {width}x{height} = {} pixels, over the limit of {limit}", *.width as u64 * *.height as u64)]
     TooLarge { width: u32, height: u32, limit: u64 },
+    #[error("image is {width}x{height}: its longer side is more than {limit} times its shorter side")]
+    ExtremeAspectRatio { width: u32, height: u32, limit: u32 },
+    #[error("image exceeds the decoder's limits ({0}); metadata such as ICC profiles and text may hold at most {METADATA_LIMIT} bytes")]
+    OverLimits(String),
     #[error("corrupt or truncated image: {0}")]
     Corrupt(String),
 }
 
-pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
-    if bytes.is_empty() {
-        return Err(ImageError::Empty);
+impl ImageError {
+    /// Whether the image was refused for its size rather than for its content.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::ExtremeAspectRatio { .. } | Self::OverLimits(_))
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ImageError::Unsupported);
-    }
-    let mut decoder = reader.into_decoder().map_err(map_error)?;
-    let (width, height) = decoder.dimensions();
-    if width as u64 * height as u64 > max_pixels {
-        return Err(ImageError::TooLarge { width, height, limit: max_pixels });
-    }
-    if width == 0 || height == 0 {
-        return Err(ImageError::Corrupt(format!("image has no pixels ({width}x{height})")));
-    }
-    let orientation = decoder.orientation().map_err(map_error)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(map_error)?;
-    image.apply_orientation(orientation);
-    Ok(match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
 }
 
-/// The width and height an image's header declares, without decoding any pixel; `None` when
-/// the header cannot be read.
-pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
-    ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+/// What an image's header declares, read without decoding any pixel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Header {
+    pub format: ImageFormat,
+    /// As stored, before EXIF orientation.
+    pub width: u32,
+    pub height: u32,
+    /// What the decoder will write.
+    pub color: ColorType,
+    pub orientation: Orientation,
+    /// Size of the encoded image.
+    pub encoded_bytes: usize,
+}
+
+impl Header {
+    /// Reads the header, checking the pixel limit and, for JPEG, that the data is complete.
+    pub fn read(bytes: &[u8], max_pixels: u64) -> Result<Self, ImageError> {
+        if bytes.is_empty() {
+            return Err(ImageError::Empty);
+        }
+        let reader = reader(bytes, METADATA_LIMIT)?;
+        let format = reader.format().ok_or(ImageError::Unsupported)?;
+        let mut decoder = reader.into_decoder().map_err(map_error)?;
+        let (width, height) = decoder.dimensions();
+        if width as u64 * height as u64 > max_pixels {
+            return Err(ImageError::TooLarge { width, height, limit: max_pixels });
+        }
+        if width == 0 || height == 0 {
+            return Err(ImageError::Corrupt(format!("image has no pixels ({width}x{height})")));
+        }
+        if format == ImageFormat::Jpeg {
+            check_jpeg_complete(bytes)?;
+        }
+        let orientation = decoder.orientation().map_err(map_error)?;
+        Ok(Self { format, width, height, color: decoder.color_type(), orientation, encoded_bytes: bytes.len() })
+    }
+
+    /// Pixels as stored.
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
+    /// Width and height once the EXIF orientation is applied.
+    pub fn oriented_dimensions(&self) -> (u32, u32) {
+        use Orientation::*;
+        match self.orientation {
+            Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH => (self.height, self.width),
+            _ => (self.width, self.height),
+        }
+    }
+
+    /// Bytes of the decoder's output buffer.
+    pub fn output_bytes(&self) -> u64 {
+        self.pixels() * self.color.bytes_per_pixel() as u64
+    }
+
+    /// Most bytes decoding allocates at once: the decoder's output and working memory, then
+    /// the RGB conversion and the orientation's copy, whichever step holds most.
+    pub fn decoder_bytes(&self) -> u64 {
+        let cost = decoder_cost(self.format);
+        let output = self.output_bytes();
+        let rgb = self.pixels() * 3;
+        let decoding = output * (1 + cost.per_output_byte) + self.encoded_bytes as u64 * cost.per_input_byte + cost.constant;
+        let converting = if self.color == ColorType::Rgb8 { 0 } else { output + rgb };
+        let orienting = if self.oriented_dimensions() == (self.width, self.height) { 0 } else { 2 * rgb };
+        decoding.max(converting).max(orienting)
+    }
+
+    /// Decodes `bytes`, which must be the image this header was read from.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        // PNG's decoder applies the limit to its metadata alone (the output buffer is
+        // allocated outside it), and reads text chunks that follow the pixel data too.
+        let alloc = if self.format == ImageFormat::Png { METADATA_LIMIT } else { self.decoder_bytes() };
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(self.width);
+        limits.max_image_height = Some(self.height);
+        limits.max_alloc = Some(alloc);
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(self.format);
+        reader.limits(limits);
+        let decoder = reader.into_decoder().map_err(map_error)?;
+        if decoder.dimensions() != (self.width, self.height) || decoder.color_type() != self.color {
+            return Err(ImageError::Corrupt("the header changed between two reads".into()));
+        }
+        let rgb = match DynamicImage::from_decoder(decoder).map_err(map_error)? {
+            DynamicImage::ImageRgb8(rgb) => rgb,
+            other => other.to_rgb8(),
+        };
+        if self.orientation == Orientation::NoTransforms {
+            return Ok(rgb);
+        }
+        let mut oriented = DynamicImage::ImageRgb8(rgb);
+        oriented.apply_orientation(self.orientation);
+        Ok(oriented.into_rgb8())
+    }
+}
+
+/// Header and decode in one call, for callers that need no admission step.
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    Header::read(bytes, max_pixels)?.decode(bytes)
+}
+
+fn reader(bytes: &[u8], max_alloc: u64) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_alloc);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// A JPEG whose data ends before its end-of-image marker is truncated. The JPEG decoder fills
+/// what is missing with grey and carries on, as browsers do; PIL refuses such files, and so do
+/// we. Segments are walked by their lengths; inside a scan, a marker is 0xFF followed by a
+/// byte other than 0x00 (a stuffed 0xFF) or a restart marker's. Stray bytes between segments
+/// are skipped, as libjpeg does.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
+    let truncated = || ImageError::Corrupt("JPEG data ends before its end-of-image marker (truncated file)".into());
+    let mut at = 2; // after SOI
+    loop {
+        at += memchr::memchr(0xFF, bytes.get(at..).unwrap_or_default()).ok_or_else(truncated)?;
+        while bytes.get(at + 1) == Some(&0xFF) {
+            at += 1; // fill bytes before a marker
+        }
+        let marker = *bytes.get(at + 1).ok_or_else(truncated)?;
+        at += 2;
+        match marker {
+            0xD9 => return Ok(()),
+            0x00 | 0x01 | 0xD0..=0xD7 => continue, // no length field
+            _ => {}
+        }
+        let len = bytes.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize).ok_or_else(truncated)?;
+        at += len;
+        if at > bytes.len() {
+            return Err(truncated());
+        }
+        if marker == 0xDA {
+            // Entropy-coded data: stop at the next real marker, which the outer loop reads.
+            loop {
+                at += memchr::memchr(0xFF, &bytes[at..]).ok_or_else(truncated)?;
+                match bytes.get(at + 1) {
+                    None => return Err(truncated()),
+                    Some(0x00 | 0xD0..=0xD7) => at += 2,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 fn map_error(e: image::ImageError) -> ImageError {
     match e {
         image::ImageError::Unsupported(_) => ImageError::Unsupported,
+        image::ImageError::Limits(limit) => ImageError::OverLimits(limit.to_string()),
         other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg() -> Vec<u8> {
+        let img = RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_complete_jpeg_passes_and_every_cut_fails() {
+        let data = jpeg();
+        check_jpeg_complete(&data).unwrap();
+        for cut in [data.len() - 1, data.len() - 2, data.len() * 2 / 3, data.len() / 3, 40, 3] {
+            assert!(check_jpeg_complete(&data[..cut]).is_err(), "cut at {cut} of {}", data.len());
+        }
+        // Bytes after the end marker (camera trailers) are fine.
+        let mut trailer = data.clone();
+        trailer.extend_from_slice(b"trailing data");
+        check_jpeg_complete(&trailer).unwrap();
     }
 }

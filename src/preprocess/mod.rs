@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
-pub use decode::{decode, ImageError, DEFAULT_MAX_PIXELS};
+pub use decode::{decode, Header, ImageError, DEFAULT_MAX_PIXELS, HEADER_READ_BYTES, METADATA_LIMIT};
 
 use crate::model::HubConfig;
 
@@ -86,9 +86,10 @@ impl PreprocessConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let min = crate::model::FasterNetConfig::MIN_INPUT_SIDE;
-        if self.input_size.0 < min || self.input_size.1 < min {
-            return Err(format!("input size {:?} is below {min}x{min}", self.input_size));
+        let (min, max) = (crate::model::FasterNetConfig::MIN_INPUT_SIDE, crate::model::FasterNetConfig::MAX_INPUT_SIDE);
+        let (h, w) = self.input_size;
+        if h < min || w < min || h > max || w > max {
+            return Err(format!("input size {h}x{w} is outside {min}x{min} to {max}x{max}"));
         }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 2.0) {
             return Err(format!("crop_pct {} must be in (0, 2]", self.crop_pct));
@@ -98,6 +99,26 @@ impl PreprocessConfig {
         }
         Ok(())
     }
+}
+
+/// Images whose longer side is more than this many times their shorter side are refused: the
+/// aspect-preserving resize would turn the shorter side into the model's input size and the
+/// longer one into tens of thousands of pixels (100000x1 into 6.4 million x 64).
+pub const MAX_ASPECT_RATIO: u32 = 32;
+
+/// Coefficient tables and row buffers of one resize, above the images themselves.
+const RESIZER_WORKSPACE: u64 = 1 << 20;
+
+/// What preparing one image takes, worked out from its header before any pixel is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub header: Header,
+    /// The size the image is resized to before the crop.
+    pub resized: (u32, u32),
+    /// Most bytes preparing it holds at once (decoder, resize, crop and tensor).
+    pub peak_bytes: u64,
+    /// Bytes of the finished (3, H, W) f32 tensor.
+    pub tensor_bytes: u64,
 }
 
 /// Decodes and transforms images into network inputs.
@@ -128,23 +149,43 @@ impl Preprocessor {
         Tensor::from_vec(data, (3, h, w), &Device::Cpu).expect("buffer length is 3*H*W")
     }
 
-    /// Whether preparing `bytes` is a few tens of microseconds of work: a small upload whose
-    /// header declares few pixels, and few after the resize too. The service prepares such
-    /// images on the async worker instead of handing them to another thread and back, which
-    /// costs more CPU than the work itself.
-    pub fn is_small(&self, bytes: &[u8]) -> bool {
+    /// Reads an image's header and works out what preparing it takes, refusing it if it is
+    /// over the pixel limit, has an extreme aspect ratio or is a truncated JPEG.
+    pub fn plan(&self, bytes: &[u8]) -> Result<Plan, ImageError> {
+        let header = Header::read(bytes, self.max_pixels)?;
+        let (width, height) = header.oriented_dimensions();
+        if width.max(height) as u64 > MAX_ASPECT_RATIO as u64 * width.min(height) as u64 {
+            return Err(ImageError::ExtremeAspectRatio { width, height, limit: MAX_ASPECT_RATIO });
+        }
+        let resized = transform::resize_target(&self.config, width, height);
+        let (h, w) = self.config.input_size;
+        let rgb = |(w, h): (u32, u32)| w as u64 * h as u64 * 3;
+        // After decoding: the decoded image, the horizontal pass (new width, old height) and
+        // the vertical pass are alive together; then the crop and the tensor.
+        let resizing = rgb((width, height)) + rgb((resized.0, height)) + rgb(resized);
+        let tensor_bytes = (3 * h * w * std::mem::size_of::<f32>()) as u64;
+        let peak_bytes = header.decoder_bytes().max(resizing) + rgb((w as u32, h as u32)) + tensor_bytes + RESIZER_WORKSPACE;
+        Ok(Plan { header, resized, peak_bytes, tensor_bytes })
+    }
+
+    /// Whether preparing this image is a few tens of microseconds of work: a small upload that
+    /// declares few pixels, and few after the resize too. The service prepares such images on
+    /// the async worker instead of handing them to another thread and back, which costs more
+    /// CPU than the work itself.
+    pub fn is_small(&self, plan: &Plan) -> bool {
         const SMALL_UPLOAD_BYTES: usize = 64 * 1024;
         const SMALL_IMAGE_PIXELS: u64 = 16 * 1024;
-        if bytes.len() > SMALL_UPLOAD_BYTES {
-            return false;
-        }
-        let Some((w, h)) = decode::dimensions(bytes) else { return false };
-        let (rw, rh) = transform::resize_target(&self.config, w, h);
-        (w as u64 * h as u64).saturating_add(rw as u64 * rh as u64) <= SMALL_IMAGE_PIXELS
+        let (rw, rh) = plan.resized;
+        plan.header.encoded_bytes <= SMALL_UPLOAD_BYTES && plan.header.pixels().saturating_add(rw as u64 * rh as u64) <= SMALL_IMAGE_PIXELS
+    }
+
+    /// Decodes and transforms the image `plan` was made for.
+    pub fn prepare(&self, bytes: &[u8], plan: &Plan) -> Result<Tensor, ImageError> {
+        Ok(self.transform(&plan.header.decode(bytes)?))
     }
 
     /// Encoded bytes to a normalised (3, H, W) tensor.
     pub fn load(&self, bytes: &[u8]) -> Result<Tensor, ImageError> {
-        Ok(self.transform(&decode(bytes, self.max_pixels)?))
+        self.prepare(bytes, &self.plan(bytes)?)
     }
 }

@@ -3,7 +3,7 @@
 //! after the first, runs one forward pass and answers every image through its oneshot channel.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
+use super::memory::Reservation;
 use super::metrics::Metrics;
 use crate::Classifier;
 
@@ -52,6 +53,9 @@ pub struct Answer {
 
 pub struct Job {
     pub image: Tensor,
+    /// The image's memory, given back when the job is dropped (after its forward pass, or
+    /// unrun when its caller has gone).
+    pub memory: Reservation,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<Answer, String>>,
 }
@@ -75,23 +79,15 @@ pub struct Batcher {
 }
 
 /// Slots reserved in the queue for one request's images.
-pub type Reservation<'a> = mpsc::PermitIterator<'a, Job>;
+pub type QueueSlots<'a> = mpsc::PermitIterator<'a, Job>;
 
 impl Batcher {
-    /// Starts the worker thread. It warms the model up (one pass at each power-of-two batch
-    /// size up to the maximum) before taking jobs, then sets `ready`.
-    pub fn start(
-        backend: Arc<dyn Backend>,
-        config: BatchConfig,
-        metrics: Arc<Metrics>,
-        ready: Arc<AtomicBool>,
-    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+    /// Starts the worker thread (warm the model up first: [`warm_up`]).
+    pub fn start(backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let waiting = Arc::new(AtomicUsize::new(0));
         let worker_waiting = waiting.clone();
         let worker = std::thread::Builder::new().name("inference".into()).spawn(move || {
-            warm_up(backend.as_ref(), config.max_batch_size);
-            ready.store(true, Ordering::SeqCst);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
@@ -102,7 +98,7 @@ impl Batcher {
     }
 
     /// Reserves `n` queue slots at once or none: a full queue rejects before any decoding.
-    pub fn try_reserve(&self, n: usize) -> Option<Reservation<'_>> {
+    pub fn try_reserve(&self, n: usize) -> Option<QueueSlots<'_>> {
         self.tx.try_reserve_many(n).ok()
     }
 
@@ -122,19 +118,23 @@ impl Batcher {
     }
 }
 
-fn warm_up(backend: &dyn Backend, max_batch_size: usize) {
+/// One pass at each power-of-two batch size up to the maximum, so that the engine's buffers
+/// reach their full size and the first requests are not slow. A failed pass is an error: the
+/// model cannot serve batches of that size.
+pub fn warm_up(backend: &dyn Backend, max_batch_size: usize) -> Result<(), String> {
     let (c, h, w) = backend.input_shape();
     let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2)).take_while(|&b| b < max_batch_size).collect();
     sizes.push(max_batch_size);
+    let image = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
     for batch in sizes {
         let start = Instant::now();
-        let Ok(image) = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu) else { continue };
-        match catch_unwind(AssertUnwindSafe(|| backend.infer(&vec![image; batch]))) {
+        match catch_unwind(AssertUnwindSafe(|| backend.infer(&vec![image.clone(); batch]))) {
             Ok(Ok(_)) => tracing::info!(batch, ms = start.elapsed().as_millis() as u64, "warm-up pass"),
-            Ok(Err(e)) => tracing::error!(batch, error = %e, "warm-up pass failed"),
-            Err(_) => tracing::error!(batch, "warm-up pass panicked"),
+            Ok(Err(e)) => return Err(format!("warm-up pass at batch {batch} failed: {e}")),
+            Err(panic) => return Err(format!("warm-up pass at batch {batch} panicked: {}", panic_message(&panic))),
         }
     }
+    Ok(())
 }
 
 async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>, waiting: Arc<AtomicUsize>) {
@@ -225,11 +225,7 @@ mod tests {
     fn start(max_batch_size: usize, delay_ms: u64) -> (Batcher, JoinHandle<()>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new(max_batch_size));
         let config = BatchConfig { max_batch_size, max_batch_delay: Duration::from_millis(delay_ms), queue_capacity: 64 };
-        let ready = Arc::new(AtomicBool::new(false));
-        let (b, h) = Batcher::start(Arc::new(Fake { calls: AtomicUsize::new(0) }), config, metrics.clone(), ready.clone()).unwrap();
-        while !ready.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (b, h) = Batcher::start(Arc::new(Fake { calls: AtomicUsize::new(0) }), config, metrics.clone()).unwrap();
         (b, h, metrics)
     }
 
@@ -240,7 +236,8 @@ mod tests {
             .zip(reservation)
             .map(|(&v, permit)| {
                 let (tx, rx) = oneshot::channel();
-                b.send(permit, Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), enqueued: Instant::now(), reply: tx });
+                let memory = Reservation::default();
+                b.send(permit, Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), memory, enqueued: Instant::now(), reply: tx });
                 rx
             })
             .collect()

@@ -10,6 +10,8 @@ use utoipa::ToSchema;
 pub enum ApiError {
     #[error("the queue is full ({capacity} images); retry later")]
     QueueFull { capacity: usize },
+    #[error("the server's memory for requests is taken by requests in progress; retry later")]
+    ServerBusy,
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("request not answered within {0} ms")]
@@ -26,8 +28,18 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("no request body data for {0} ms")]
+    BodyTimeout(u64),
+    #[error("the client closed the connection before sending the whole body")]
+    ClientDisconnected,
+    #[error("missing or unknown API key: send `Authorization: Bearer <key>`")]
+    Unauthorized,
     #[error("no such route")]
     NotFound,
+    /// An error response made by the HTTP layers rather than a handler (405, a malformed
+    /// header, ...), rewritten into the JSON form.
+    #[error("{message}")]
+    Http { status: StatusCode, message: String },
     #[error("inference failed: {0}")]
     Internal(String),
 }
@@ -51,8 +63,12 @@ pub struct ErrorDetail {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::QueueFull { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::QueueFull { .. } | Self::ServerBusy | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientDisconnected => client_closed_request(),
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Http { status, .. } => *status,
             Self::BodyTooLarge(_) | Self::TooManyImages { .. } | Self::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidImage { .. } | Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -65,7 +81,20 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::QueueFull { .. } => "queue_full",
+            Self::ServerBusy => "server_busy",
             Self::ShuttingDown => "shutting_down",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::ClientDisconnected => "client_closed_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Http { status, .. } => match *status {
+                StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+                StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+                StatusCode::NOT_FOUND => "not_found",
+                s if s.is_server_error() => "internal",
+                _ => "bad_request",
+            },
             Self::Timeout(_) => "timeout",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::TooManyImages { .. } => "too_many_images",
@@ -87,9 +116,22 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if matches!(self, Self::BodyTimeout(_)) {
+            // A client that stalled mid-body does not get to keep the connection.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response.extensions_mut().insert(RejectReason(self.code()));
         response
     }
+}
+
+/// nginx's status for a client that went away before its request was read; the client never
+/// sees it, but metrics and logs tell it apart from requests that were wrong.
+fn client_closed_request() -> StatusCode {
+    StatusCode::from_u16(499).expect("499 is a valid status code")
 }
 
 /// Marks a response as a rejection so the metrics middleware can count it by reason.

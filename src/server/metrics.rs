@@ -22,6 +22,11 @@ pub struct Metrics {
     pub cancelled_images: IntCounter,
     pub worker_failures: IntCounter,
     pub model_info: IntGaugeVec,
+    pub memory_budget: IntGauge,
+    pub memory_pool: IntGauge,
+    pub memory_reserved: IntGauge,
+    pub open_connections: IntGauge,
+    pub header_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -50,6 +55,11 @@ impl Metrics {
             cancelled_images: reg(&registry, IntCounter::new("fasternet_cancelled_images_total", "Queued images dropped before compute because their caller had gone.").unwrap()),
             worker_failures: reg(&registry, IntCounter::new("fasternet_worker_failures_total", "Forward passes that failed or panicked.").unwrap()),
             model_info: reg(&registry, IntGaugeVec::new(Opts::new("fasternet_model_info", "The served model (always 1)."), &["model", "architecture", "num_classes", "input_size"]).unwrap()),
+            memory_budget: reg(&registry, IntGauge::new("fasternet_memory_budget_bytes", "The memory budget the process is held under (--memory-budget).").unwrap()),
+            memory_pool: reg(&registry, IntGauge::new("fasternet_memory_request_pool_bytes", "The part of the budget that requests reserve from.").unwrap()),
+            memory_reserved: reg(&registry, IntGauge::new("fasternet_memory_reserved_bytes", "Bytes reserved by requests in progress.").unwrap()),
+            open_connections: reg(&registry, IntGauge::new("fasternet_open_connections", "Open HTTP connections.").unwrap()),
+            header_timeouts: reg(&registry, IntCounter::new("fasternet_header_timeouts_total", "Connections closed because a request head did not arrive in time.").unwrap()),
             registry,
         };
         let build = IntGaugeVec::new(Opts::new("fasternet_build_info", "Build of this server (always 1)."), &["version"]).unwrap();

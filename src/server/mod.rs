@@ -1,14 +1,20 @@
 //! The HTTP service: axum routes in front of a bounded queue and one inference worker.
 //!
+//! - [`listener`]: connections: their cap, timeouts and the drain on shutdown.
 //! - [`routes`]: handlers, middleware, OpenAPI.
+//! - [`auth`]: optional API keys.
 //! - [`input`]: request bodies to encoded images.
+//! - [`memory`]: the memory budget every request reserves from.
 //! - [`batcher`]: the queue and the inference worker thread.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the error enum and its status codes.
 
+pub mod auth;
 pub mod batcher;
 pub mod error;
 pub mod input;
+pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod routes;
 
@@ -18,11 +24,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::preprocess::HEADER_READ_BYTES;
 use crate::Classifier;
+use auth::ApiKeys;
 use batcher::{BatchConfig, Batcher};
+use input::BodyLimits;
+use listener::ConnectionConfig;
+use memory::{MemoryPool, ProcessMemory, CONNECTION_BYTES};
 use metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -30,13 +42,24 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     pub batch: BatchConfig,
     pub request_timeout: Duration,
-    pub body_limit: usize,
+    pub body: BodyLimits,
     pub max_images_per_request: usize,
     pub default_top_k: usize,
     /// Images decoded and preprocessed at once.
     pub preprocess_threads: usize,
+    /// Threads of the async runtime that serves HTTP.
+    pub http_threads: usize,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    pub connections: ConnectionConfig,
+    /// Bytes the whole process is held under.
+    pub memory_budget: u64,
+    /// Longest wait for memory before a 503.
+    pub memory_wait: Duration,
+    /// `None`: the API is open.
+    pub api_keys: Option<ApiKeys>,
+    /// Whether /metrics needs an API key too.
+    pub protect_metrics: bool,
 }
 
 impl ServeConfig {
@@ -51,6 +74,19 @@ impl ServeConfig {
                 self.max_images_per_request, b.queue_capacity
             ));
         }
+        if b.max_batch_delay >= self.request_timeout {
+            return Err(format!(
+                "the batch delay ({} ms) must be shorter than the request timeout ({} ms)",
+                b.max_batch_delay.as_millis(),
+                self.request_timeout.as_millis()
+            ));
+        }
+        if self.body.max_bytes == 0 || self.connections.max_connections == 0 {
+            return Err("the body limit and the connection limit must be positive".into());
+        }
+        if self.protect_metrics && self.api_keys.is_none() {
+            return Err("--protect-metrics needs API keys (--api-key or --api-key-file)".into());
+        }
         Ok(())
     }
 }
@@ -60,9 +96,11 @@ pub struct AppState {
     pub config: ServeConfig,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
-    pub ready: Arc<AtomicBool>,
+    pub memory: MemoryPool,
     pub draining: AtomicBool,
     pub preprocess_slots: Semaphore,
+    /// Values in one image's answer (probabilities and features).
+    pub answer_values: usize,
 }
 
 /// Why `serve` returned.
@@ -74,57 +112,102 @@ pub enum Stopped {
     GraceExpired,
 }
 
-/// Binds, serves until `shutdown` resolves, then drains: readiness turns 503, the listener
+/// How the memory budget is spent; see [`memory`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPlan {
+    pub budget: u64,
+    /// The process with the model loaded, before warm-up, measured.
+    pub loaded: u64,
+    /// What the warm-up at the largest batch was estimated to add (checked before it ran).
+    pub forward_estimate: u64,
+    /// The process's peak through warm-up, measured.
+    pub baseline: u64,
+    pub connections: u64,
+    pub headers: u64,
+    pub slack: u64,
+    pub requests: u64,
+}
+
+impl MemoryPlan {
+    fn new(config: &ServeConfig, loaded: u64, forward_estimate: u64, baseline: u64) -> Result<Self, String> {
+        let budget = config.memory_budget;
+        let connections = config.connections.max_connections as u64 * CONNECTION_BYTES;
+        let headers = config.http_threads as u64 * HEADER_READ_BYTES;
+        let slack = budget / 16;
+        let fixed = baseline + connections + headers + slack;
+        let requests = budget.saturating_sub(fixed);
+        // The largest body must fit, whatever its type, or such requests could never be served.
+        let needed = 4 * config.body.max_bytes as u64;
+        if requests < needed {
+            return Err(format!(
+                "the memory budget of {} MiB leaves {} MiB for requests, less than the {} MiB that one request at the body limit may need \
+                 (the model after warm-up holds {} MiB, {} connections up to {} MiB): raise --memory-budget, or lower --body-limit, \
+                 --max-connections or --max-batch-size",
+                budget >> 20, requests >> 20, needed >> 20, baseline >> 20, config.connections.max_connections, connections >> 20
+            ));
+        }
+        Ok(Self { budget, loaded, forward_estimate, baseline, connections, headers, slack, requests })
+    }
+}
+
+/// Checks the configuration against the model and the memory budget, warms the model up,
+/// binds, then serves until `shutdown` resolves and drains: readiness turns 503, the listener
 /// closes, open requests finish (up to the grace period) and the worker empties its queue.
-/// `on_bound` hears the real address (useful with port 0).
-pub async fn serve(
-    classifier: Classifier,
-    config: ServeConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    on_bound: impl FnOnce(SocketAddr),
-) -> anyhow::Result<Stopped> {
+/// Everything that can refuse to start does so before the port is bound.
+pub async fn serve(classifier: Classifier, config: ServeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Stopped> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let classifier = Arc::new(classifier);
-    let metrics = Arc::new(Metrics::new(config.batch.max_batch_size));
     let (h, w) = classifier.preprocessor().config.input_size;
+    let max_batch = config.batch.max_batch_size;
+    let resident = ProcessMemory::read().map_or(0, |m| m.resident);
+    let forward = classifier.model().forward_bytes(max_batch, (h, w));
+    if resident + forward > config.memory_budget {
+        anyhow::bail!(
+            "a forward pass at --max-batch-size {max_batch} needs about {} MiB on top of the {} MiB the loaded model holds, over the memory budget of {} MiB: \
+             lower --max-batch-size or raise --memory-budget",
+            forward >> 20, resident >> 20, config.memory_budget >> 20
+        );
+    }
+    let classifier = Arc::new(classifier);
+    memory::reset_peak();
+    let warm = classifier.clone();
+    tokio::task::spawn_blocking(move || batcher::warm_up(warm.as_ref(), max_batch)).await?.map_err(anyhow::Error::msg)?;
+    let baseline = ProcessMemory::read().map_or(resident + forward, |m| m.peak);
+    let plan = MemoryPlan::new(&config, resident, forward, baseline).map_err(anyhow::Error::msg)?;
+    tracing::info!(?plan, "memory budget");
+
+    let metrics = Arc::new(Metrics::new(max_batch));
     let model = classifier.model().config();
     metrics
         .model_info
         .with_label_values(&[classifier.name(), &model.architecture(), &model.num_classes.to_string(), &format!("{h}x{w}")])
         .set(1);
-    let ready = Arc::new(AtomicBool::new(false));
-    let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone(), ready.clone())?;
-    let listener = TcpListener::bind(config.addr).await?;
+    metrics.memory_budget.set(plan.budget as i64);
+    metrics.memory_pool.set(plan.requests as i64);
+    let listener = TcpListener::bind(config.addr).await.with_context(|| format!("cannot listen on {}", config.addr))?;
     let addr = listener.local_addr()?;
-    let grace = config.shutdown_grace;
+    let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone())?;
     let state = Arc::new(AppState {
+        answer_values: model.num_classes + model.feature_dim,
         classifier,
         preprocess_slots: Semaphore::new(config.preprocess_threads.max(1)),
-        config,
+        memory: MemoryPool::new(plan.requests),
         batcher,
-        metrics,
-        ready,
+        metrics: metrics.clone(),
         draining: AtomicBool::new(false),
+        config,
     });
     tracing::info!(%addr, "listening");
-    on_bound(addr);
 
-    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let (connections, grace) = (state.config.connections, state.config.shutdown_grace);
     let drain_state = state.clone();
-    let on_signal = async move {
-        shutdown.await;
+    let on_shutdown = move || {
         drain_state.draining.store(true, Ordering::SeqCst);
         tracing::info!(grace_seconds = grace.as_secs_f64(), "shutdown signal: draining");
-        let _ = signalled_tx.send(());
     };
-    let server = axum::serve(listener, routes::router(state.clone())).with_graceful_shutdown(on_signal);
-    let stopped = tokio::select! {
-        result = server => { result?; Stopped::Drained }
-        _ = async { if signalled_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
-            tracing::warn!("grace period over with requests still open");
-            Stopped::GraceExpired
-        }
-    };
+    let stopped = listener::run(listener, routes::router(state.clone()), connections, metrics, shutdown, on_shutdown, grace).await;
+    if stopped == Stopped::GraceExpired {
+        tracing::warn!("grace period over with requests still open");
+    }
     // The last sender goes with the state: the worker finishes what is queued, then stops.
     drop(state);
     if stopped == Stopped::Drained {

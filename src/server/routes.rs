@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,17 +16,27 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::batcher::{Answer, Job};
 use super::error::{ApiError, ErrorBody, RejectReason};
-use super::input::{read_images, EncodedImage, ImagesJson};
+use super::input::{drain_if_unread, read_images, Base64Image, EncodedImage, ImageFile, ImagesJson, ImagesMultipart};
+use super::memory::{Refused, Reservation};
 use super::AppState;
-use crate::preprocess::ImageError;
+use crate::preprocess::{ImageError, Plan};
 use crate::Prediction;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest `x-request-id` taken from a client; longer ones (or ones with other than visible
+/// ASCII) are replaced by a generated id, so a client cannot fill logs with its header.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Bytes an answer holds per output value until the response is written: the f32 in the
+/// worker's answer and its JSON text.
+const ANSWER_BYTES_PER_VALUE: u64 = 24;
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Only API calls are logged per request; probes and scrapes would drown them.
@@ -33,40 +44,126 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/classify", post(classify))
         .route("/embed", post(embed))
         .route("/v1/models", get(models))
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .route("/openapi.json", get(openapi))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
         }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)));
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if state.config.protect_metrics {
+        metrics_route = metrics_route.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(metrics_route)
         .merge(api)
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(state.clone(), every_response))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(cap_request_id))
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .with_state(state)
+}
+
+/// Drops a client's `x-request-id` that is too long or not plain visible ASCII, so that the
+/// next layer generates one instead.
+async fn cap_request_id(mut request: Request, next: Next) -> Response {
+    let acceptable = |v: &HeaderValue| v.len() <= MAX_REQUEST_ID_BYTES && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    if request.headers().get(&REQUEST_ID).is_some_and(|v| !acceptable(v)) {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(request).await
+}
+
+/// What every request and response gets: a body the handler leaves unread is drained
+/// (`drain_if_unread`); errors made by the HTTP layers (405, a rejected header, ...) in
+/// the same JSON form as the handlers' own, and `Connection: close` while draining so that
+/// clients move to another replica.
+async fn every_response(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = drain_if_unread(&parts.headers, body);
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error()) && response.extensions().get::<RejectReason>().is_none() {
+        let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&body);
+        let message = match text.trim() {
+            "" => status.canonical_reason().unwrap_or("error").to_string(),
+            text => text.to_string(),
+        };
+        let mut json = ApiError::Http { status, message }.into_response();
+        for name in [header::ALLOW, header::RETRY_AFTER] {
+            if let Some(value) = response.headers().get(&name) {
+                json.headers_mut().insert(name, value.clone());
+            }
+        }
+        response = json;
+    }
+    if state.draining.load(Ordering::SeqCst) {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match &state.config.api_keys {
+        Some(keys) if !keys.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) => ApiError::Unauthorized.into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 async fn record_metrics(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let start = Instant::now();
+    let mut recording = Recording { state, route, start: Instant::now(), done: false };
     let response = next.run(request).await;
-    let m = &state.metrics;
-    m.requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
-    m.request_duration.with_label_values(&[route.as_str()]).observe(start.elapsed().as_secs_f64());
-    if let Some(RejectReason(reason)) = response.extensions().get::<RejectReason>() {
-        m.rejections.with_label_values(&[reason]).inc();
-    }
+    let reason = response.extensions().get::<RejectReason>().map(|r| r.0);
+    recording.record(response.status().as_str(), reason);
     response
+}
+
+/// Counts one request; if the connection goes away before there is a response (hyper then
+/// drops the handler), it is counted on drop as nginx's 499, the client's own doing.
+struct Recording {
+    state: Arc<AppState>,
+    route: String,
+    start: Instant,
+    done: bool,
+}
+
+impl Recording {
+    fn record(&mut self, status: &str, reason: Option<&str>) {
+        self.done = true;
+        let m = &self.state.metrics;
+        m.requests.with_label_values(&[self.route.as_str(), status]).inc();
+        m.request_duration.with_label_values(&[self.route.as_str()]).observe(self.start.elapsed().as_secs_f64());
+        if let Some(reason) = reason {
+            m.rejections.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if !self.done {
+            let left = ApiError::ClientDisconnected;
+            self.record(left.status().as_str(), Some(left.code()));
+        }
+    }
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| ApiError::InvalidRequest(e.body_text()))
 }
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ClassifyQuery {
     /// Labels per image, 1..=num_classes (default: the server's --default-top-k).
+    #[param(value_type = Option<u32>, minimum = 1)]
     top_k: Option<String>,
 }
 
@@ -74,6 +171,7 @@ pub struct ClassifyQuery {
 #[into_params(parameter_in = Query)]
 pub struct EmbedQuery {
     /// Scale each vector to unit L2 norm (default false).
+    #[param(value_type = Option<bool>)]
     normalize: Option<String>,
 }
 
@@ -109,21 +207,26 @@ struct Inferred {
     filenames: Vec<Option<String>>,
     answers: Vec<Answer>,
     preprocess: Duration,
+    /// Held until the response is written.
+    _memory: Vec<Reservation>,
 }
 
 #[utoipa::path(post, path = "/classify", params(ClassifyQuery),
     request_body(description = "One raw image (image/* or application/octet-stream), multipart/form-data with one or more file parts, or JSON {\"images\": [base64, ...]}",
-        content((Vec<u8> = "image/*"), (Vec<u8> = "application/octet-stream"), (Vec<u8> = "multipart/form-data"), (ImagesJson = "application/json"))),
+        content((ImageFile = "image/*"), (ImageFile = "application/octet-stream"), (ImagesMultipart = "multipart/form-data"), (ImagesJson = "application/json"))),
     responses(
         (status = 200, description = "Top-k labels per image, in request order", body = ClassifyResponse),
-        (status = 413, description = "Body, image count or image pixels over the limit", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none was given", body = ErrorBody),
+        (status = 408, description = "The client paused sending its body for too long", body = ErrorBody),
+        (status = 413, description = "Body, image count, image pixels, aspect ratio or memory need over the limit", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
         (status = 422, description = "Undecodable image or malformed request", body = ErrorBody),
-        (status = 503, description = "Queue full or shutting down; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Queue full, memory busy or shutting down; see Retry-After", body = ErrorBody),
         (status = 504, description = "Not answered within the request timeout", body = ErrorBody),
         (status = 500, description = "Inference failed", body = ErrorBody)))]
-async fn classify(State(state): State<Arc<AppState>>, Query(q): Query<ClassifyQuery>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn classify(State(state): State<Arc<AppState>>, q: Result<Query<ClassifyQuery>, QueryRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let q = query(q)?;
     let classes = state.classifier.labels().len();
     let top_k = match q.top_k.as_deref() {
         None => state.config.default_top_k.min(classes),
@@ -144,13 +247,15 @@ async fn classify(State(state): State<Arc<AppState>>, Query(q): Query<ClassifyQu
 
 #[utoipa::path(post, path = "/embed", params(EmbedQuery),
     request_body(description = "Same inputs as /classify",
-        content((Vec<u8> = "image/*"), (Vec<u8> = "application/octet-stream"), (Vec<u8> = "multipart/form-data"), (ImagesJson = "application/json"))),
+        content((ImageFile = "image/*"), (ImageFile = "application/octet-stream"), (ImagesMultipart = "multipart/form-data"), (ImagesJson = "application/json"))),
     responses(
         (status = 200, description = "Pre-logits feature vector per image, in request order", body = EmbedResponse),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody), (status = 500, body = ErrorBody)))]
-async fn embed(State(state): State<Arc<AppState>>, Query(q): Query<EmbedQuery>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+        (status = 401, body = ErrorBody), (status = 408, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 504, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn embed(State(state): State<Arc<AppState>>, q: Result<Query<EmbedQuery>, QueryRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let q = query(q)?;
     let normalized = match q.normalize.as_deref() {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") => true,
@@ -179,23 +284,28 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
     if state.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
     }
-    let timeout = state.config.request_timeout;
+    let cfg = &state.config;
+    let timeout = cfg.request_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let work = async {
-        let cfg = &state.config;
-        let images = read_images(headers, body, cfg.body_limit, cfg.max_images_per_request).await?;
+        let mut read = read_images(headers, body, &cfg.body, cfg.max_images_per_request, &state.memory, deadline).await?;
         // Reserve queue slots for every image before decoding any: a full queue rejects fast.
-        let reservation = state.batcher.try_reserve(images.len()).ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
+        let reservation = state.batcher.try_reserve(read.images.len()).ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
         let preprocess_start = Instant::now();
-        let filenames: Vec<Option<String>> = images.iter().map(|i| i.filename.clone()).collect();
-        let tensors = futures_util::future::join_all(images.into_iter().map(|image| prepare(state, image))).await;
+        let filenames: Vec<Option<String>> = read.images.iter().map(|i| i.filename.clone()).collect();
+        let images = std::mem::take(&mut read.images);
+        let prepared = futures_util::future::join_all(images.into_iter().enumerate().map(|(index, image)| prepare(state, index, image))).await;
+        drop(read); // the encoded bytes and their memory
         let preprocess = preprocess_start.elapsed();
-        let mut receivers = Vec::with_capacity(tensors.len());
-        let mut jobs = Vec::with_capacity(tensors.len());
-        for (index, result) in tensors.into_iter().enumerate() {
-            let image = result.map_err(|e| image_error(index, &filenames[index], e))?;
+        let mut receivers = Vec::with_capacity(prepared.len());
+        let mut jobs = Vec::with_capacity(prepared.len());
+        let mut answers_memory = Vec::with_capacity(prepared.len());
+        for result in prepared {
+            let (image, memory, answer_memory) = result?;
             let (reply, rx) = oneshot::channel();
-            jobs.push(Job { image, enqueued: Instant::now(), reply });
+            jobs.push(Job { image, memory, enqueued: Instant::now(), reply });
             receivers.push(rx);
+            answers_memory.push(answer_memory);
         }
         for (job, permit) in jobs.into_iter().zip(reservation) {
             state.batcher.send(permit, job);
@@ -206,38 +316,68 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
             answers.push(answer.map_err(ApiError::Internal)?);
         }
         state.metrics.images.with_label_values(&[route]).inc_by(answers.len() as u64);
-        Ok(Inferred { filenames, answers, preprocess })
+        Ok(Inferred { filenames, answers, preprocess, _memory: answers_memory })
     };
-    tokio::time::timeout(timeout, work).await.map_err(|_| ApiError::Timeout(timeout.as_millis() as u64))?
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
+    }
 }
 
-/// Decoding and preprocessing run on the blocking pool, at most `preprocess_threads` at once;
-/// small images (`Preprocessor::is_small`, e.g. the bundled model's 28x28 uploads) right here,
-/// where the two thread hand-offs would cost more CPU than the work. A decoder panic fails
-/// only its image, either way.
-async fn prepare(state: &Arc<AppState>, image: EncodedImage) -> Result<candle_core::Tensor, ImageError> {
-    let run = |state: &AppState, bytes: &[u8]| {
+/// One image to a tensor: its header is read, the memory its preparation needs is reserved
+/// (waiting up to `--memory-wait-ms`), then it is decoded and preprocessed on the blocking
+/// pool, at most `preprocess_threads` at once; small images (`Preprocessor::is_small`, e.g.
+/// the bundled model's 28x28 uploads) right here, where the two thread hand-offs would cost
+/// more CPU than the work. A decoder panic fails only its image, either way. Returns the
+/// tensor with the memory it holds until its forward pass, and the memory its answer holds.
+async fn prepare(state: &Arc<AppState>, index: usize, image: EncodedImage) -> Result<(candle_core::Tensor, Reservation, Reservation), ApiError> {
+    let failed = |e: ImageError| image_error(index, &image.filename, e);
+    let preprocessor = state.classifier.preprocessor();
+    // Reading the header counts as preprocessing time; waiting for memory or a thread not.
+    let started = Instant::now();
+    let plan = preprocessor.plan(&image.bytes);
+    let header_time = started.elapsed();
+    let plan = plan.map_err(|e| {
+        state.metrics.preprocess_duration.observe(header_time.as_secs_f64());
+        failed(e)
+    })?;
+    let answer_bytes = state.answer_values as u64 * ANSWER_BYTES_PER_VALUE;
+    let mut memory = match state.memory.reserve(plan.peak_bytes + answer_bytes, state.config.memory_wait).await {
+        Ok(memory) => memory,
+        Err(Refused::Busy) => return Err(ApiError::ServerBusy),
+        Err(Refused::NeverFits { needed, capacity }) => {
+            let reason = format!("preparing it needs {} MiB, more than the {} MiB this server has for requests", needed.div_ceil(1 << 20), capacity >> 20);
+            return Err(ApiError::ImageTooLarge { index, filename: image.filename.clone(), reason });
+        }
+    };
+    let run = move |state: &AppState, bytes: &[u8], plan: &Plan| {
         let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| state.classifier.prepare(bytes)))
+        let result = catch_unwind(AssertUnwindSafe(|| state.classifier.preprocessor().prepare(bytes, plan)))
             .unwrap_or_else(|_| Err(ImageError::Corrupt("the decoder crashed on this image".into())));
-        state.metrics.preprocess_duration.observe(start.elapsed().as_secs_f64());
+        state.metrics.preprocess_duration.observe((header_time + start.elapsed()).as_secs_f64());
         result
     };
-    if state.classifier.preprocessor().is_small(&image.bytes) {
-        return run(state, &image.bytes);
+    let tensor = if preprocessor.is_small(&plan) {
+        run(state, &image.bytes, &plan)
+    } else {
+        let _permit = state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
+        let (state, bytes) = (state.clone(), image.bytes.clone());
+        tokio::task::spawn_blocking(move || run(&state, &bytes, &plan))
+            .await
+            .unwrap_or_else(|e| Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}"))))
     }
-    let _permit = state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || run(&state, &image.bytes))
-        .await
-        .unwrap_or_else(|e| Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}"))))
+    .map_err(failed)?;
+    memory.shrink_to(plan.tensor_bytes + answer_bytes);
+    let answer_memory = memory.split_off(answer_bytes);
+    Ok((tensor, memory, answer_memory))
 }
 
 fn image_error(index: usize, filename: &Option<String>, e: ImageError) -> ApiError {
     let (filename, reason) = (filename.clone(), e.to_string());
-    match e {
-        ImageError::TooLarge { .. } => ApiError::ImageTooLarge { index, filename, reason },
-        _ => ApiError::InvalidImage { index, filename, reason },
+    if e.is_too_large() {
+        ApiError::ImageTooLarge { index, filename, reason }
+    } else {
+        ApiError::InvalidImage { index, filename, reason }
     }
 }
 
@@ -258,15 +398,14 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// The port is bound only once the model is loaded and warmed up, so answering at all means
+/// ready, until the drain.
 #[utoipa::path(get, path = "/readyz", responses(
     (status = 200, description = "Model loaded and warmed up, accepting work"),
-    (status = 503, description = "Warming up or draining", body = ErrorBody)))]
+    (status = 503, description = "Draining", body = ErrorBody)))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
         ApiError::ShuttingDown.into_response()
-    } else if !state.ready.load(Ordering::SeqCst) {
-        let body = ErrorBody { error: super::error::ErrorDetail { code: "warming_up", message: "the model is warming up".into() } };
-        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
     } else {
         "ready\n".into_response()
     }
@@ -332,6 +471,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<ModelsResponse> {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     state.metrics.queue_depth.set(state.batcher.depth() as i64);
+    state.metrics.memory_reserved.set(state.memory.in_use() as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
 }
 
@@ -339,11 +479,29 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 #[openapi(
     info(title = "fasternet-serve", description = "FasterNet image classification with dynamic batching."),
     paths(classify, embed, healthz, readyz, models, metrics, openapi),
-    components(schemas(ClassifyResponse, ClassifyResult, Prediction, EmbedResponse, EmbedResult, ModelsResponse, ModelInfo, BatchingInfo, ErrorBody, ImagesJson))
+    components(schemas(ClassifyResponse, ClassifyResult, Prediction, EmbedResponse, EmbedResult, ModelsResponse, ModelInfo, BatchingInfo, ErrorBody, ImagesJson, ImagesMultipart, Base64Image, ImageFile))
 )]
 struct ApiDoc;
 
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "This document")))]
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi(State(state): State<Arc<AppState>>) -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::openapi::{schema::Schema, RefOr};
+    let mut doc = ApiDoc::openapi();
+    // Bounds that depend on the served model and the configuration: top_k up to the class
+    // count, at most --max-images-per-request images.
+    let classes = state.classifier.labels().len();
+    let top_k = doc.paths.paths.get_mut("/classify").and_then(|p| p.post.as_mut()).and_then(|op| op.parameters.as_mut());
+    for parameter in top_k.into_iter().flatten().filter(|p| p.name == "top_k") {
+        if let Some(RefOr::T(Schema::Object(object))) = parameter.schema.as_mut() {
+            object.maximum = Some(classes.into());
+        }
+    }
+    for name in ["ImagesJson", "ImagesMultipart"] {
+        if let Some(RefOr::T(Schema::Object(object))) = doc.components.as_mut().and_then(|c| c.schemas.get_mut(name)) {
+            if let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut("images") {
+                array.max_items = Some(state.config.max_images_per_request);
+            }
+        }
+    }
+    Json(doc)
 }

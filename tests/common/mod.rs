@@ -12,6 +12,8 @@ pub struct Server {
     pub child: Child,
     pub base: String,
     pub logs: mpsc::Receiver<String>,
+    /// The log lines up to and including `listening`.
+    pub startup_logs: Vec<String>,
 }
 
 impl Server {
@@ -36,14 +38,16 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut startup_logs = Vec::new();
         let addr = loop {
             let line = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a `listening` log line");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            startup_logs.push(line);
             if v["fields"]["message"] == "listening" {
                 break v["fields"]["addr"].as_str().unwrap().to_string();
             }
         };
-        let server = Server { child, base: format!("http://{addr}"), logs };
+        let server = Server { child, base: format!("http://{addr}"), logs, startup_logs };
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(server.url("/readyz")).send().await {
@@ -105,4 +109,27 @@ pub fn require_tool(program: &str, install: &str) -> bool {
         eprintln!("skipped: {program} not installed ({install})");
     }
     found
+}
+
+/// Inserts an EXIF APP1 segment with the given orientation right after a JPEG's SOI marker.
+pub fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0".to_vec();
+    exif.extend_from_slice(&[orientation, 0, 0, 0, 0, 0, 0]);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xff, 0xe1]);
+    out.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&exif);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+/// Appends one PNG chunk (length, type, data, CRC) to `out`.
+pub fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let mut crc = flate2::Crc::new();
+    crc.update(kind);
+    crc.update(data);
+    out.extend_from_slice(&crc.sum().to_be_bytes());
 }
