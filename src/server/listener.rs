@@ -52,23 +52,34 @@ enum State {
     Busy,
 }
 
-/// One connection's state and since when it has been in it.
-struct Activity(Mutex<(State, Instant)>);
+/// One connection's state, since when it has been in it, and a wake-up for its watchdog (the
+/// loop in [`Connection::serve`]) whenever it changes, so that each state's timeout runs from
+/// the moment the state began.
+struct Activity {
+    state: Mutex<(State, Instant)>,
+    changed: Notify,
+}
 
 impl Activity {
+    fn new() -> Self {
+        Self { state: Mutex::new((State::Idle, Instant::now())), changed: Notify::new() }
+    }
+
     fn set(&self, state: State) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (state, Instant::now());
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (state, Instant::now());
+        self.changed.notify_one();
     }
 
     fn get(&self) -> (State, Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes arrived: on an idle connection, a request has started.
     fn received(&self) {
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if guard.0 == State::Idle {
             *guard = (State::Head, Instant::now());
+            self.changed.notify_one();
         }
     }
 }
@@ -183,7 +194,7 @@ struct Connection {
 impl Connection {
     async fn serve(mut self, stream: TcpStream) {
         self.metrics.open_connections.inc();
-        let activity = Arc::new(Activity(Mutex::new((State::Idle, Instant::now()))));
+        let activity = Arc::new(Activity::new());
         let io = TokioIo::new(Watched { stream: Some(stream), activity: activity.clone() });
         let (router, in_flight) = (self.router.clone(), self.in_flight.clone());
         let service = hyper::service::service_fn({
@@ -229,6 +240,7 @@ impl Connection {
                     }
                     _ => {}
                 },
+                _ = activity.changed.notified() => {}
                 _ = self.close.changed() => break,
             }
         }
