@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Require an API key on /metrics too.
     #[arg(long, env = "FASTERNET_PROTECT_METRICS")]
     protect_metrics: bool,
+    /// Serve the demo page at /ui/ (and redirect / to it). It calls the same API as any client,
+    /// under the same limits and keys; `--ui false` removes it.
+    #[arg(long, env = "FASTERNET_UI", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    ui: bool,
     /// Labels per image when the request gives no top_k.
     #[arg(long, env = "FASTERNET_DEFAULT_TOP_K", default_value_t = 5)]
     default_top_k: usize,
@@ -128,6 +132,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
         memory_wait: Duration::from_millis(args.memory_wait_ms),
         api_keys,
         protect_metrics: args.protect_metrics,
+        ui: args.ui,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let classifier = Classifier::load(&args.model.load_options())

@@ -3,6 +3,7 @@
 //! - [`listener`]: connections: their cap, timeouts and the drain on shutdown.
 //! - [`routes`]: handlers, middleware, OpenAPI.
 //! - [`auth`]: optional API keys.
+//! - [`ui`]: the demo page.
 //! - [`input`]: request bodies to encoded images.
 //! - [`memory`]: the memory budget every request reserves from.
 //! - [`batcher`]: the queue and the inference worker thread.
@@ -17,6 +18,7 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod routes;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,6 +62,8 @@ pub struct ServeConfig {
     pub api_keys: Option<ApiKeys>,
     /// Whether /metrics needs an API key too.
     pub protect_metrics: bool,
+    /// Whether the demo page is served at /ui/ (and / redirects there).
+    pub ui: bool,
 }
 
 impl ServeConfig {

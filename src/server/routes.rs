@@ -54,11 +54,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     if state.config.protect_metrics {
         metrics_route = metrics_route.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     }
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(metrics_route)
-        .merge(api)
+    let mut router = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).merge(metrics_route).merge(api);
+    if state.config.ui {
+        router = router.merge(super::ui::routes());
+    }
+    router
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), every_response))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
