@@ -29,6 +29,8 @@ use image::{DynamicImage, ImageFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use common::{deflated_zeros, zero_png};
+
 /// Counts the bytes allocated and the most allocated at once.
 struct Counting;
 
@@ -133,6 +135,11 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     ];
     let rotated = common::with_exif_orientation(&out.last().unwrap().1, 6);
     out.push(("rotated.jpg".to_string(), rotated));
+    // An animation: only its first frame is decoded, so 200 frames cost what one does.
+    let mut animation = Vec::new();
+    let frame = image::Frame::new(image::imageops::resize(&photo.to_rgba8(), 100, 75, image::imageops::FilterType::Nearest));
+    image::codecs::gif::GifEncoder::new(&mut animation).encode_frames(std::iter::repeat_n(frame, 200)).unwrap();
+    out.push(("200 frames.gif".to_string(), animation));
     out
 }
 
@@ -153,51 +160,15 @@ fn preparing_an_image_never_allocates_more_than_its_plan() {
     eprintln!("{}", report.join("\n"));
 }
 
-/// A PNG from raw parts: `rows` gives each row's bytes (its filter byte included), fed to the
-/// compressor one at a time so that a huge image costs no memory to make.
-fn png(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)], rows: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
-    use std::io::Write;
-    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    for row in rows {
-        idat.write_all(&row).unwrap();
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = width.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
-    common::png_chunk(&mut out, b"IHDR", &ihdr);
-    for (kind, data) in extra {
-        common::png_chunk(&mut out, kind, data);
-    }
-    common::png_chunk(&mut out, b"IDAT", &idat.finish().unwrap());
-    common::png_chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-/// zlib data that inflates to `n` zero bytes.
-fn zeros_deflated(n: usize) -> Vec<u8> {
-    use std::io::Write;
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    let chunk = vec![0u8; 1 << 20];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(chunk.len());
-        z.write_all(&chunk[..k]).unwrap();
-        left -= k;
-    }
-    z.finish().unwrap()
-}
-
 #[test]
 fn hostile_headers_are_refused_before_any_large_allocation() {
     let _serial = serial();
     let pre = bundled();
-    let thin = |width: u32| png(width, 1, 8, 0, &[], std::iter::once([vec![0u8], vec![0u8; width as usize]].concat()));
+    let thin = |width: u32| zero_png(width, 1, 8, 0, &[]);
     let mut iccp = b"bomb\0\0".to_vec();
-    iccp.extend(zeros_deflated(256 << 20));
+    iccp.extend(deflated_zeros(256 << 20));
     let mut ztxt = b"Comment\0\0".to_vec();
-    ztxt.extend(zeros_deflated(256 << 20));
-    let tiny = || std::iter::once(vec![0u8, 0]);
+    ztxt.extend(deflated_zeros(256 << 20));
     for (name, bytes) in [("100000x1", thin(100_000)), ("2000000x1", thin(2_000_000))] {
         let (plan, used) = measure(|| pre.plan(&bytes));
         let err = plan.expect_err(name);
@@ -208,7 +179,7 @@ fn hostile_headers_are_refused_before_any_large_allocation() {
     }
     // Metadata that inflates past the limit is cut off there: the PNG decoder then drops the
     // chunk (an ICC profile) or refuses the image (text); either way it allocates no more.
-    for (name, bytes) in [("iCCP", png(1, 1, 8, 0, &[(b"iCCP", iccp)], tiny())), ("zTXt", png(1, 1, 8, 0, &[(b"zTXt", ztxt)], tiny()))] {
+    for (name, bytes) in [("iCCP", zero_png(1, 1, 8, 0, &[(b"iCCP", iccp)])), ("zTXt", zero_png(1, 1, 8, 0, &[(b"zTXt", ztxt)]))] {
         let (plan, used) = measure(|| pre.plan(&bytes));
         assert!(used <= HEADER_READ_BYTES, "{name} inflating to 256 MiB: reading the header took {used} bytes");
         let (result, used) = measure(|| plan.and_then(|plan| pre.prepare(&bytes, &plan)));
@@ -217,7 +188,7 @@ fn hostile_headers_are_refused_before_any_large_allocation() {
     }
     // Plain text over the limit is refused outright: the decoder would have to hold it.
     let text = [b"Comment\0".as_slice(), &vec![b'x'; 3 << 20]].concat();
-    let bytes = png(1, 1, 8, 0, &[(b"tEXt", text)], tiny());
+    let bytes = zero_png(1, 1, 8, 0, &[(b"tEXt", text)]);
     let (plan, used) = measure(|| pre.plan(&bytes));
     let err = plan.expect_err("3 MiB of tEXt");
     assert!(err.is_too_large() && err.to_string().contains("metadata"), "{err}");
@@ -225,7 +196,7 @@ fn hostile_headers_are_refused_before_any_large_allocation() {
     // A 50-megapixel 16-bit RGBA PNG in 380 KB: the plan is cheap and says what decoding it
     // needs (about 400 MB of decoder output alone), so the server can refuse it unread.
     let (w, h) = (8000u32, 6250u32);
-    let big = png(w, h, 16, 6, &[], (0..h).map(|_| vec![0u8; 1 + w as usize * 8]));
+    let big = zero_png(w, h, 16, 6, &[]);
     let (plan, used) = measure(|| pre.plan(&big));
     let plan = plan.unwrap();
     assert!(plan.peak_bytes >= w as u64 * h as u64 * 8, "{}", plan.peak_bytes);

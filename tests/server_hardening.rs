@@ -117,7 +117,7 @@ fn read_response(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open_connections() {
-    let mut s = Server::start(&["--max-batch-delay-ms", "1500", "--max-batch-size", "64", "--shutdown-grace-seconds", "20", "--header-read-timeout-ms", "15000"]).await;
+    let s = Server::start(&["--max-batch-delay-ms", "1500", "--max-batch-size", "64", "--shutdown-grace-seconds", "20", "--header-read-timeout-ms", "15000"]).await;
     let target = addr(&s);
     let mut half = TcpStream::connect(&target).unwrap();
     half.write_all(b"POST /classify HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -156,18 +156,7 @@ async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open
     assert!(reply.0.contains("shutting_down"), "{}", reply.0);
     assert!(reply.1, "the connection stayed open");
     assert_eq!(in_flight.await.unwrap().unwrap(), 200, "a request accepted before the signal is answered");
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(code) = s.child.try_wait().unwrap() {
-                return code;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    let exit = s.wait_for_exit(Duration::from_secs(20)).await;
     assert_eq!(exit.code(), Some(0));
     assert!(signalled.elapsed() < Duration::from_secs(5), "the half-open connection held the drain for {:?}", signalled.elapsed());
     drop(half);

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{fixture, small_png, Server};
+use common::{deflated_zeros, fixture, small_png, zero_png, Server};
 use futures_util::future::join_all;
 use serde_json::Value;
 
@@ -22,42 +21,6 @@ fn memory_of(pid: i32) -> Option<(u64, u64)> {
         Some(line[name.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
     };
     Some((field("VmHWM:")?, field("VmRSS:")?))
-}
-
-/// A PNG with the given header whose rows are all zero, compressed as they are made.
-fn zero_png(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)]) -> Vec<u8> {
-    let channels = match color_type {
-        0 => 1,
-        2 => 3,
-        4 => 2,
-        6 => 4,
-        _ => panic!("colour type"),
-    };
-    let row = vec![0u8; 1 + width as usize * channels * bit_depth as usize / 8];
-    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    for _ in 0..height {
-        idat.write_all(&row).unwrap();
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut ihdr = width.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
-    common::png_chunk(&mut out, b"IHDR", &ihdr);
-    for (kind, data) in extra {
-        common::png_chunk(&mut out, kind, data);
-    }
-    common::png_chunk(&mut out, b"IDAT", &idat.finish().unwrap());
-    common::png_chunk(&mut out, b"IEND", &[]);
-    out
-}
-
-fn deflated_zeros(n: usize) -> Vec<u8> {
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    let chunk = vec![0u8; 1 << 20];
-    for _ in 0..n / chunk.len() {
-        z.write_all(&chunk).unwrap();
-    }
-    z.finish().unwrap()
 }
 
 async fn post(c: &reqwest::Client, s: &Server, body: Vec<u8>) -> (u16, Value) {

@@ -132,7 +132,7 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
 
 #[tokio::test]
 async fn sigterm_completes_in_flight_requests_and_exits_zero() {
-    let mut s = Server::start(&["--max-batch-delay-ms", "1000", "--max-batch-size", "64", "--shutdown-grace-seconds", "10"]).await;
+    let s = Server::start(&["--max-batch-delay-ms", "1000", "--max-batch-size", "64", "--shutdown-grace-seconds", "10"]).await;
     let c = reqwest::Client::new();
     let in_flight = (0..12).map(|i| {
         let (c, url) = (c.clone(), s.url("/classify"));
@@ -151,17 +151,6 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
     for st in &statuses {
         assert_eq!(st.as_ref().ok(), Some(&200), "{statuses:?}");
     }
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(code) = s.child.try_wait().unwrap() {
-                return code;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    let exit = s.wait_for_exit(Duration::from_secs(10)).await;
     assert_eq!(exit.code(), Some(0));
 }

@@ -90,8 +90,6 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
                 StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
-                StatusCode::NOT_FOUND => "not_found",
                 s if s.is_server_error() => "internal",
                 _ => "bad_request",
             },

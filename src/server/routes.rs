@@ -40,11 +40,11 @@ const ANSWER_BYTES_PER_VALUE: u64 = 24;
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Only API calls are logged per request; probes and scrapes would drown them.
-    let api = Router::new()
-        .route("/classify", post(classify))
-        .route("/embed", post(embed))
-        .route("/v1/models", get(models))
-        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+    let mut api = Router::new().route("/classify", post(classify)).route("/embed", post(embed)).route("/v1/models", get(models));
+    if state.config.api_keys.is_some() {
+        api = api.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    }
+    let api = api
         .route("/openapi.json", get(openapi))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
@@ -109,6 +109,7 @@ async fn every_response(State(state): State<Arc<AppState>>, request: Request, ne
     response
 }
 
+/// Layered only when keys are configured.
 async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match &state.config.api_keys {
         Some(keys) if !keys.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) => ApiError::Unauthorized.into_response(),

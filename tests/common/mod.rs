@@ -68,6 +68,22 @@ impl Server {
         self.child.id() as i32
     }
 
+    /// Waits (off the async runtime) for the process to exit, failing after `limit`.
+    pub async fn wait_for_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + limit;
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status;
+                }
+                assert!(Instant::now() < deadline, "the server did not exit");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap()
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
         text.lines()
@@ -132,4 +148,52 @@ pub fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     crc.update(kind);
     crc.update(data);
     out.extend_from_slice(&crc.sum().to_be_bytes());
+}
+
+/// A PNG from its header fields and rows (each with its filter byte), compressed one row at a
+/// time so that a huge image costs no memory to make. `extra` chunks go between IHDR and IDAT.
+pub fn png_from_rows(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)], rows: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+    use std::io::Write;
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    for row in rows {
+        idat.write_all(&row).unwrap();
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
+    png_chunk(&mut out, b"IHDR", &ihdr);
+    for (kind, data) in extra {
+        png_chunk(&mut out, kind, data);
+    }
+    png_chunk(&mut out, b"IDAT", &idat.finish().unwrap());
+    png_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// A PNG whose pixels are all zero (colour type 0 grey, 2 RGB, 4 grey+alpha, 6 RGBA).
+pub fn zero_png(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)]) -> Vec<u8> {
+    let channels = match color_type {
+        0 => 1,
+        2 => 3,
+        4 => 2,
+        6 => 4,
+        _ => panic!("colour type {color_type}"),
+    };
+    let row = vec![0u8; 1 + width as usize * channels * bit_depth as usize / 8];
+    png_from_rows(width, height, bit_depth, color_type, extra, (0..height).map(|_| row.clone()))
+}
+
+/// zlib data that inflates to `n` zero bytes.
+pub fn deflated_zeros(n: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        z.write_all(&chunk[..k]).unwrap();
+        left -= k;
+    }
+    z.finish().unwrap()
 }
