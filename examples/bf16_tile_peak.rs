@@ -33,8 +33,13 @@ mod tile {
             let k = it % K;
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(a[r * K + k]));
-                acc[0] = _mm512_dpbf16_ps(acc[0], x, std::mem::transmute::<__m512i, __m512bh>(w[2 * k]));
-                acc[1] = _mm512_dpbf16_ps(acc[1], x, std::mem::transmute::<__m512i, __m512bh>(w[2 * k + 1]));
+                acc[0] =
+                    _mm512_dpbf16_ps(acc[0], x, std::mem::transmute::<__m512i, __m512bh>(w[2 * k]));
+                acc[1] = _mm512_dpbf16_ps(
+                    acc[1],
+                    x,
+                    std::mem::transmute::<__m512i, __m512bh>(w[2 * k + 1]),
+                );
             }
         }
         acc.iter().map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]))).sum()
@@ -50,9 +55,24 @@ mod tile {
         config.2[..8].fill(16);
         std::arch::asm!("ldtilecfg [{}]", in(reg) &config);
         // Zeros: the values do not matter, only the rate.
-        std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", "tilezero tmm4", "tilezero tmm5", "tilezero tmm6", "tilezero tmm7");
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "tilezero tmm4",
+            "tilezero tmm5",
+            "tilezero tmm6",
+            "tilezero tmm7"
+        );
         for _ in 0..iters {
-            std::arch::asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7", "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+            std::arch::asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem)
+            );
         }
         std::arch::asm!("tilerelease");
     }
@@ -73,11 +93,22 @@ mod tile {
             let (a32, w32) = ([0.5f32; 12 * K], [_mm512_set1_ps(1.0 / 512.0); 2 * K]);
             let (a16, w16) = ([0x3f00_3f00i32; 12 * K], [_mm512_set1_epi32(0x3b00_3b00); 2 * K]);
             for _ in 0..2 {
-                let f = time(&|| fp32(black_box(ITERS), black_box(&a32), black_box(&w32)), 24.0 * 16.0);
-                let b = time(&|| bf16(black_box(ITERS), black_box(&a16), black_box(&w16)), 24.0 * 32.0);
-                println!("fp32 FMA tile: {f:.0} GFLOP/s, bf16 tile: {b:.0} GFLOP/s ({:.2}x)", b / f);
+                let f =
+                    time(&|| fp32(black_box(ITERS), black_box(&a32), black_box(&w32)), 24.0 * 16.0);
+                let b =
+                    time(&|| bf16(black_box(ITERS), black_box(&a16), black_box(&w16)), 24.0 * 32.0);
+                println!(
+                    "fp32 FMA tile: {f:.0} GFLOP/s, bf16 tile: {b:.0} GFLOP/s ({:.2}x)",
+                    b / f
+                );
                 if fasternet_serve::model::amx_available() {
-                    let a = time(&|| { amx(black_box(ITERS / 64)); 0.0 }, 4.0 * 16.0 * 16.0 * 32.0 / 64.0);
+                    let a = time(
+                        &|| {
+                            amx(black_box(ITERS / 64));
+                            0.0
+                        },
+                        4.0 * 16.0 * 16.0 * 32.0 / 64.0,
+                    );
                     println!("AMX tdpbf16ps: {a:.0} GFLOP/s ({:.1}x the fp32 tile)", a / f);
                 }
             }

@@ -9,7 +9,27 @@ fn gflops(threads: usize) -> f64 {
     const N: usize = 768;
     let (a, b) = (vec![1.0f32; N * N], vec![0.5f32; N * N]);
     let run = |dst: &mut [f32]| unsafe {
-        gemm::gemm(N, N, N, dst.as_mut_ptr(), 1, N as isize, false, a.as_ptr(), 1, N as isize, b.as_ptr(), 1, N as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None)
+        gemm::gemm(
+            N,
+            N,
+            N,
+            dst.as_mut_ptr(),
+            1,
+            N as isize,
+            false,
+            a.as_ptr(),
+            1,
+            N as isize,
+            b.as_ptr(),
+            1,
+            N as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     };
     let reps = 20;
     let start = Instant::now();

@@ -9,7 +9,8 @@ use fasternet_serve::preprocess::{decode, transform, PreprocessConfig, Preproces
 
 /// The service's allocator (see src/allocator.rs): glibc's malloc would add page faults per image.
 #[global_allocator]
-static ALLOCATOR: fasternet_serve::allocator::ServerAllocator = fasternet_serve::allocator::ServerAllocator;
+static ALLOCATOR: fasternet_serve::allocator::ServerAllocator =
+    fasternet_serve::allocator::ServerAllocator;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -17,7 +18,8 @@ fn main() {
     let size: usize = args.next().map_or(224, |s| s.parse().expect("INPUT_SIZE"));
     let crop_pct: f64 = args.next().map_or(0.9, |s| s.parse().expect("CROP_PCT"));
     let bytes = std::fs::read(&path).expect("readable image");
-    let config = PreprocessConfig { input_size: (size, size), crop_pct, ..PreprocessConfig::imagenet() };
+    let config =
+        PreprocessConfig { input_size: (size, size), crop_pct, ..PreprocessConfig::imagenet() };
     let pre = Preprocessor::new(config.clone(), u64::MAX);
     let image = decode(&bytes, u64::MAX).expect("decodable image");
     let cropped = pre.resize_and_crop(&image);
@@ -29,7 +31,12 @@ fn main() {
         }
         println!("{name:>16}: {:.3} ms", start.elapsed().as_secs_f64() * 1e3 / n as f64);
     };
-    println!("{path}: {} bytes, {}x{} -> {size}x{size} (crop_pct {crop_pct})", bytes.len(), image.width(), image.height());
+    println!(
+        "{path}: {} bytes, {}x{} -> {size}x{size} (crop_pct {crop_pct})",
+        bytes.len(),
+        image.width(),
+        image.height()
+    );
     time("decode", &mut || drop(decode(&bytes, u64::MAX).unwrap()));
     time("resize + crop", &mut || drop(pre.resize_and_crop(&image)));
     time("normalise", &mut || drop(transform::normalize_chw(&cropped, config.mean, config.std)));

@@ -29,7 +29,16 @@ mod os {
     /// `size` is non-zero.
     pub unsafe fn map(size: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping touches no existing memory.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             std::ptr::null_mut()
         } else {

@@ -38,7 +38,14 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { weights: PathBuf::from(BUNDLED_WEIGHTS), variant: None, crop_pct: None, max_pixels: DEFAULT_MAX_PIXELS, random_init: None, engine: Engine::default() }
+        Self {
+            weights: PathBuf::from(BUNDLED_WEIGHTS),
+            variant: None,
+            crop_pct: None,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            random_init: None,
+            engine: Engine::default(),
+        }
     }
 }
 
@@ -56,7 +63,10 @@ impl Classifier {
             // Random weights behave like a tagless ImageNet checkpoint named `.random`.
             Some(variant) => {
                 let config = crate::model::FasterNetConfig::preset(variant, 1000);
-                let model = FasterNet::with_engine(crate::model::FasterNetWeights::random(&config, 0)?, options.engine)?;
+                let model = FasterNet::with_engine(
+                    crate::model::FasterNetWeights::random(&config, 0)?,
+                    options.engine,
+                )?;
                 let mut hub = crate::model::HubConfig::default();
                 hub.pretrained_cfg.tag = Some("random".into());
                 (model, hub, PathBuf::from("(random weights)"))
@@ -65,8 +75,11 @@ impl Classifier {
                 let checkpoint = Checkpoint::load(&options.weights)?;
                 let source = checkpoint.path.clone();
                 let hub = checkpoint.hub_config.clone().unwrap_or_default();
-                let num_classes_hint = checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
-                let config = options.variant.map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
+                let num_classes_hint =
+                    checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
+                let config = options
+                    .variant
+                    .map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
                 (FasterNet::from_checkpoint(checkpoint, config, options.engine)?, hub, source)
             }
         };
@@ -77,15 +90,28 @@ impl Classifier {
             preprocess.crop_pct = crop_pct;
             preprocess.validate().map_err(bad_config)?;
         }
-        let labels = Labels::new(model.config().num_classes, hub.label_names.as_deref()).map_err(bad_config)?;
+        let labels = Labels::new(model.config().num_classes, hub.label_names.as_deref())
+            .map_err(bad_config)?;
         let name = match &hub.pretrained_cfg.tag {
             Some(tag) => format!("{}.{tag}", model.config().architecture()),
             None => model.config().architecture(),
         };
-        Ok(Self::new(model, Preprocessor::new(preprocess, options.max_pixels), labels, name, source))
+        Ok(Self::new(
+            model,
+            Preprocessor::new(preprocess, options.max_pixels),
+            labels,
+            name,
+            source,
+        ))
     }
 
-    pub fn new(model: FasterNet, preprocessor: Preprocessor, labels: Labels, name: String, source: PathBuf) -> Self {
+    pub fn new(
+        model: FasterNet,
+        preprocessor: Preprocessor,
+        labels: Labels,
+        name: String,
+        source: PathBuf,
+    ) -> Self {
         Self { model, preprocessor, labels, name, source }
     }
 
@@ -124,13 +150,21 @@ impl Classifier {
     }
 
     /// Top-k predictions per image, highest probability first.
-    pub fn classify(&self, images: &[Tensor], top_k: usize) -> Result<Vec<Vec<Prediction>>, ModelError> {
+    pub fn classify(
+        &self,
+        images: &[Tensor],
+        top_k: usize,
+    ) -> Result<Vec<Vec<Prediction>>, ModelError> {
         let probs = self.forward(images)?.probabilities()?.to_vec2::<f32>()?;
         Ok(probs.iter().map(|p| self.top_k(p, top_k)).collect())
     }
 
     /// Pre-logits feature vectors, optionally scaled to unit L2 norm.
-    pub fn embed(&self, images: &[Tensor], l2_normalize: bool) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn embed(
+        &self,
+        images: &[Tensor],
+        l2_normalize: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut features = self.forward(images)?.features.to_vec2::<f32>()?;
         if l2_normalize {
             features.iter_mut().for_each(|f| normalize_l2(f));
@@ -144,7 +178,11 @@ impl Classifier {
         order
             .into_iter()
             .take(k)
-            .map(|i| Prediction { label: self.labels.get(i).to_string(), class_index: i, score: probabilities[i] })
+            .map(|i| Prediction {
+                label: self.labels.get(i).to_string(),
+                class_index: i,
+                score: probabilities[i],
+            })
             .collect()
     }
 }
@@ -161,9 +199,15 @@ fn check_hub_config(hub: &HubConfig, model: &crate::model::FasterNetConfig) -> R
             _ => {}
         }
     }
-    for (field, value) in [("num_classes", hub.num_classes), ("pretrained_cfg.num_classes", hub.pretrained_cfg.num_classes)] {
+    for (field, value) in [
+        ("num_classes", hub.num_classes),
+        ("pretrained_cfg.num_classes", hub.pretrained_cfg.num_classes),
+    ] {
         if let Some(n) = value.filter(|&n| n != model.num_classes) {
-            return Err(format!("config.json says {field} = {n} but the checkpoint's classifier has {} classes", model.num_classes));
+            return Err(format!(
+                "config.json says {field} = {n} but the checkpoint's classifier has {} classes",
+                model.num_classes
+            ));
         }
     }
     Ok(())

@@ -13,7 +13,10 @@ impl Labels {
         let names = match given {
             Some(names) if names.len() == num_classes => names.to_vec(),
             Some(names) => {
-                return Err(format!("{} label names for a model with {num_classes} classes", names.len()))
+                return Err(format!(
+                    "{} label names for a model with {num_classes} classes",
+                    names.len()
+                ))
             }
             None if num_classes == 1000 => IMAGENET.lines().map(str::to_string).collect(),
             None => (0..num_classes).map(|i| format!("class_{i}")).collect(),

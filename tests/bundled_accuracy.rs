@@ -10,19 +10,28 @@ const PYTHON_TOP1: f64 = 93.48;
 
 fn read_idx(path: &Path) -> (Vec<usize>, Vec<u8>) {
     let mut data = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()).read_to_end(&mut data).unwrap();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut data)
+        .unwrap();
     let ndim = data[3] as usize;
-    let dims = (0..ndim).map(|i| u32::from_be_bytes(data[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let dims = (0..ndim)
+        .map(|i| u32::from_be_bytes(data[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
     (dims, data[4 + 4 * ndim..].to_vec())
 }
 
 #[test]
 fn bundled_model_reaches_its_accuracy_through_the_cli() {
-    let dir = PathBuf::from(std::env::var("FASTERNET_FMNIST_DIR").unwrap_or("/usr/share/datasets/fashion-mnist".into()));
+    let dir = PathBuf::from(
+        std::env::var("FASTERNET_FMNIST_DIR").unwrap_or("/usr/share/datasets/fashion-mnist".into()),
+    );
     let images_path = dir.join("t10k-images-idx3-ubyte.gz");
     if !images_path.exists() {
         assert!(std::env::var_os("CI").is_none(), "CI must install dataset-fashion-mnist");
-        eprintln!("skipped: {} not found (apt-get install dataset-fashion-mnist)", images_path.display());
+        eprintln!(
+            "skipped: {} not found (apt-get install dataset-fashion-mnist)",
+            images_path.display()
+        );
         return;
     }
     let (dims, pixels) = read_idx(&images_path);

@@ -25,7 +25,12 @@ fn classify_json_prints_one_object_per_image_and_reports_bad_files_without_stopp
     std::fs::write(&text_file, b"hello").unwrap();
     let inputs = Path::new("tests/fixtures/preprocess/inputs");
     let out = run(&[
-        "classify", "--json", "--top-k", "3", "--max-pixels", "250000",
+        "classify",
+        "--json",
+        "--top-k",
+        "3",
+        "--max-pixels",
+        "250000",
         inputs.join("chelsea.png").to_str().unwrap(),
         "missing.png",
         corrupt.to_str().unwrap(),
@@ -35,7 +40,8 @@ fn classify_json_prints_one_object_per_image_and_reports_bad_files_without_stopp
     ]);
     assert_eq!(out.status.code(), Some(1), "bad inputs make the exit code non-zero");
     let stdout = text(&out.stdout);
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "the good images are still classified: {stdout}");
     assert!(lines[0]["file"].as_str().unwrap().ends_with("chelsea.png"));
     assert!(lines[1]["file"].as_str().unwrap().ends_with("coffee.jpg"));
@@ -47,33 +53,69 @@ fn classify_json_prints_one_object_per_image_and_reports_bad_files_without_stopp
     let stderr = text(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
     assert_eq!(errors.len(), 4, "{stderr}");
-    assert!(errors[0].contains("missing.png") && errors[0].contains("No such file"), "{}", errors[0]);
-    assert!(errors[1].contains("corrupt.png") && errors[1].contains("corrupt or truncated"), "{}", errors[1]);
-    assert!(errors[2].contains("notes.txt") && errors[2].contains("unsupported image format"), "{}", errors[2]);
-    assert!(errors[3].contains("astronaut.jpg") && errors[3].contains("over the limit"), "{}", errors[3]);
+    assert!(
+        errors[0].contains("missing.png") && errors[0].contains("No such file"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("corrupt.png") && errors[1].contains("corrupt or truncated"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].contains("notes.txt") && errors[2].contains("unsupported image format"),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        errors[3].contains("astronaut.jpg") && errors[3].contains("over the limit"),
+        "{}",
+        errors[3]
+    );
 }
 
 #[test]
 fn classify_with_a_checkpoint_of_another_architecture_fails_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet.safetensors");
-    let t = candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("conv1.weight".to_string(), t)]), &path).unwrap();
-    let out = run(&["classify", "--weights", path.to_str().unwrap(), "tests/fixtures/preprocess/inputs/chelsea.png"]);
+    let t = candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("conv1.weight".to_string(), t)]),
+        &path,
+    )
+    .unwrap();
+    let out = run(&[
+        "classify",
+        "--weights",
+        path.to_str().unwrap(),
+        "tests/fixtures/preprocess/inputs/chelsea.png",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.starts_with("error: cannot load model from"), "{stderr}");
-    assert!(stderr.contains("resnet.safetensors") && stderr.contains("not a FasterNet checkpoint"), "{stderr}");
+    assert!(
+        stderr.contains("resnet.safetensors") && stderr.contains("not a FasterNet checkpoint"),
+        "{stderr}"
+    );
     let out = run(&["classify", "--variant", "t1", "tests/fixtures/preprocess/inputs/chelsea.png"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("expected [64, 3, 4, 4], checkpoint has [40, 3, 4, 4]"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("expected [64, 3, 4, 4], checkpoint has [40, 3, 4, 4]"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn classify_reads_official_pth_checkpoints() {
     let out = run(&[
-        "classify", "--top-k", "1",
-        "--weights", "tests/fixtures/model/tiny_relu.official_model.pth",
+        "classify",
+        "--top-k",
+        "1",
+        "--weights",
+        "tests/fixtures/model/tiny_relu.official_model.pth",
         "tests/fixtures/preprocess/inputs/chelsea.png",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -82,7 +124,19 @@ fn classify_reads_official_pth_checkpoints() {
 
 #[test]
 fn bench_prints_one_line_per_batch_size() {
-    let out = run(&["bench", "--variant", "t0", "--size", "64x96", "--batch", "1,2", "--threads", "1", "--seconds", "0.2"]);
+    let out = run(&[
+        "bench",
+        "--variant",
+        "t0",
+        "--size",
+        "64x96",
+        "--batch",
+        "1,2",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.2",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
@@ -104,13 +158,32 @@ fn every_flag_reads_its_environment_variable() {
         .env("FASTERNET_TOP_K", "2")
         .output()
         .unwrap();
-    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(v["predictions"].as_array().unwrap().len(), 2);
     let help = text(&run(&["serve", "--help"]).stdout);
-    for flag in ["--weights", "--host", "--port", "--max-batch-size", "--max-batch-delay-ms", "--queue-capacity", "--request-timeout-ms",
-        "--body-limit", "--max-images-per-request", "--max-pixels", "--default-top-k", "--threads", "--log-format", "--shutdown-grace-seconds"] {
-        let env = format!("FASTERNET_{}", flag.trim_start_matches("--").replace('-', "_").to_uppercase());
-        assert!(help.contains(flag) && help.contains(&format!("[env: {env}")), "{flag} / {env} missing from serve --help");
+    for flag in [
+        "--weights",
+        "--host",
+        "--port",
+        "--max-batch-size",
+        "--max-batch-delay-ms",
+        "--queue-capacity",
+        "--request-timeout-ms",
+        "--body-limit",
+        "--max-images-per-request",
+        "--max-pixels",
+        "--default-top-k",
+        "--threads",
+        "--log-format",
+        "--shutdown-grace-seconds",
+    ] {
+        let env =
+            format!("FASTERNET_{}", flag.trim_start_matches("--").replace('-', "_").to_uppercase());
+        assert!(
+            help.contains(flag) && help.contains(&format!("[env: {env}")),
+            "{flag} / {env} missing from serve --help"
+        );
     }
 }
 
@@ -123,7 +196,12 @@ fn engines_agree_and_random_init_serves_imagenet_labels() {
         serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap()
     };
     let (fast, reference) = (top(&["--engine", "fast"]), top(&["--engine", "reference"]));
-    for (a, b) in fast["predictions"].as_array().unwrap().iter().zip(reference["predictions"].as_array().unwrap()) {
+    for (a, b) in fast["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["predictions"].as_array().unwrap())
+    {
         assert_eq!(a["class_index"], b["class_index"]);
         assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-5);
     }

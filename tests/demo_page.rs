@@ -18,14 +18,25 @@ async fn the_page_is_served_with_a_strict_policy_and_can_be_turned_off() {
     assert_eq!(page.status(), 200);
     assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
-    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'") && !csp.contains("unsafe"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'")
+            && csp.contains("connect-src 'self'")
+            && !csp.contains("unsafe"),
+        "{csp}"
+    );
     let html = page.text().await.unwrap();
-    assert!(!html.contains("http://") && !html.contains("https://"), "the page loads nothing from elsewhere");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the page loads nothing from elsewhere"
+    );
     for asset in ["/ui/app.js", "/ui/style.css"] {
         let r = c.get(s.url(asset)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{asset}");
         let text = r.text().await.unwrap();
-        assert!(!text.contains("http://") && !text.contains("https://"), "{asset} reaches elsewhere");
+        assert!(
+            !text.contains("http://") && !text.contains("https://"),
+            "{asset} reaches elsewhere"
+        );
     }
 
     let off = Server::start(&["--ui", "false"]).await;
@@ -39,9 +50,15 @@ async fn the_page_is_served_with_a_strict_policy_and_can_be_turned_off() {
 /// is skipped with a message when they are missing.
 #[tokio::test]
 async fn the_page_works_in_a_real_browser() {
-    let selenium = std::process::Command::new("python3").args(["-c", "import selenium"]).status().is_ok_and(|s| s.success());
+    let selenium = std::process::Command::new("python3")
+        .args(["-c", "import selenium"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !require_tool("chromedriver", "apt-get install chromium chromium-driver") || !selenium {
-        assert!(std::env::var_os("CI").is_none(), "CI must install selenium (pip install selenium)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install selenium (pip install selenium)"
+        );
         eprintln!("skipped: no selenium");
         return;
     }
@@ -66,7 +83,8 @@ async fn the_page_works_in_a_real_browser() {
     })
     .await
     .unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("{report}");
     assert!(out.status.success(), "the browser test failed:\n{report}");
 }

@@ -100,14 +100,26 @@ fn imagenet() -> Preprocessor {
 }
 
 fn bundled() -> Preprocessor {
-    Preprocessor::new(PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() }, 50_000_000)
+    Preprocessor::new(
+        PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() },
+        50_000_000,
+    )
 }
 
 fn fixtures(dir: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e != "md" && e != "json")).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "md" && e != "json"))
+        .collect();
     files.sort();
-    files.into_iter().map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| {
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())
+        })
+        .collect()
 }
 
 fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -118,27 +130,45 @@ fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 
 /// Images the image crate can write itself, in the colour types the photos do not cover.
 fn generated() -> Vec<(String, Vec<u8>)> {
-    let rgb = image::RgbImage::from_fn(900, 600, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 239) as u8]));
+    let rgb = image::RgbImage::from_fn(900, 600, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x * y) % 239) as u8])
+    });
     let photo = DynamicImage::ImageRgb8(rgb);
     let rgba16 = DynamicImage::ImageRgba16(photo.to_rgba16());
     let mut out = vec![
         ("rgb8.png".to_string(), encode(&photo, ImageFormat::Png)),
-        ("rgb16.png".to_string(), encode(&DynamicImage::ImageRgb16(photo.to_rgb16()), ImageFormat::Png)),
+        (
+            "rgb16.png".to_string(),
+            encode(&DynamicImage::ImageRgb16(photo.to_rgb16()), ImageFormat::Png),
+        ),
         ("rgba16.png".to_string(), encode(&rgba16, ImageFormat::Png)),
         ("rgb.gif".to_string(), encode(&photo, ImageFormat::Gif)),
         ("rgb.bmp".to_string(), encode(&photo, ImageFormat::Bmp)),
-        ("rgba.bmp".to_string(), encode(&DynamicImage::ImageRgba8(photo.to_rgba8()), ImageFormat::Bmp)),
+        (
+            "rgba.bmp".to_string(),
+            encode(&DynamicImage::ImageRgba8(photo.to_rgba8()), ImageFormat::Bmp),
+        ),
         ("rgb.tiff".to_string(), encode(&photo, ImageFormat::Tiff)),
         ("rgba16.tiff".to_string(), encode(&rgba16, ImageFormat::Tiff)),
-        ("lossless.webp".to_string(), encode(&DynamicImage::ImageRgba8(photo.to_rgba8()), ImageFormat::WebP)),
+        (
+            "lossless.webp".to_string(),
+            encode(&DynamicImage::ImageRgba8(photo.to_rgba8()), ImageFormat::WebP),
+        ),
         ("baseline.jpg".to_string(), encode(&photo, ImageFormat::Jpeg)),
     ];
     let rotated = common::with_exif_orientation(&out.last().unwrap().1, 6);
     out.push(("rotated.jpg".to_string(), rotated));
     // An animation: only its first frame is decoded, so 200 frames cost what one does.
     let mut animation = Vec::new();
-    let frame = image::Frame::new(image::imageops::resize(&photo.to_rgba8(), 100, 75, image::imageops::FilterType::Nearest));
-    image::codecs::gif::GifEncoder::new(&mut animation).encode_frames(std::iter::repeat_n(frame, 200)).unwrap();
+    let frame = image::Frame::new(image::imageops::resize(
+        &photo.to_rgba8(),
+        100,
+        75,
+        image::imageops::FilterType::Nearest,
+    ));
+    image::codecs::gif::GifEncoder::new(&mut animation)
+        .encode_frames(std::iter::repeat_n(frame, 200))
+        .unwrap();
     out.push(("200 frames.gif".to_string(), animation));
     out
 }
@@ -147,14 +177,28 @@ fn generated() -> Vec<(String, Vec<u8>)> {
 fn preparing_an_image_never_allocates_more_than_its_plan() {
     let _serial = serial();
     let mut report = Vec::new();
-    let images: Vec<_> = fixtures("formats").into_iter().chain(fixtures("preprocess/inputs")).chain(generated()).collect();
+    let images: Vec<_> = fixtures("formats")
+        .into_iter()
+        .chain(fixtures("preprocess/inputs"))
+        .chain(generated())
+        .collect();
     for (name, bytes) in &images {
         for (config, pre) in [("224", imagenet()), ("64", bundled())] {
             let plan = pre.plan(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
             let (tensor, used) = measure(|| pre.prepare(bytes, &plan));
             tensor.unwrap_or_else(|e| panic!("{name}: {e}"));
-            report.push(format!("{name:<28} {config:>3}: {:>9} bytes used, plan {:>9} ({:.2}x)", used, plan.peak_bytes, plan.peak_bytes as f64 / used as f64));
-            assert!(used <= plan.peak_bytes, "{name} at {config}: used {used} bytes, its plan says {}\n{}", plan.peak_bytes, report.join("\n"));
+            report.push(format!(
+                "{name:<28} {config:>3}: {:>9} bytes used, plan {:>9} ({:.2}x)",
+                used,
+                plan.peak_bytes,
+                plan.peak_bytes as f64 / used as f64
+            ));
+            assert!(
+                used <= plan.peak_bytes,
+                "{name} at {config}: used {used} bytes, its plan says {}\n{}",
+                plan.peak_bytes,
+                report.join("\n")
+            );
         }
     }
     eprintln!("{}", report.join("\n"));
@@ -179,12 +223,25 @@ fn hostile_headers_are_refused_before_any_large_allocation() {
     }
     // Metadata that inflates past the limit is cut off there: the PNG decoder then drops the
     // chunk (an ICC profile) or refuses the image (text); either way it allocates no more.
-    for (name, bytes) in [("iCCP", zero_png(1, 1, 8, 0, &[(b"iCCP", iccp)])), ("zTXt", zero_png(1, 1, 8, 0, &[(b"zTXt", ztxt)]))] {
+    for (name, bytes) in [
+        ("iCCP", zero_png(1, 1, 8, 0, &[(b"iCCP", iccp)])),
+        ("zTXt", zero_png(1, 1, 8, 0, &[(b"zTXt", ztxt)])),
+    ] {
         let (plan, used) = measure(|| pre.plan(&bytes));
-        assert!(used <= HEADER_READ_BYTES, "{name} inflating to 256 MiB: reading the header took {used} bytes");
+        assert!(
+            used <= HEADER_READ_BYTES,
+            "{name} inflating to 256 MiB: reading the header took {used} bytes"
+        );
         let (result, used) = measure(|| plan.and_then(|plan| pre.prepare(&bytes, &plan)));
-        assert!(used <= HEADER_READ_BYTES + (1 << 20), "{name} inflating to 256 MiB: {used} bytes allocated");
-        eprintln!("{name} inflating to 256 MiB ({} bytes): {:?} ({used} bytes allocated)", bytes.len(), result.map(|t| t.dims().to_vec()));
+        assert!(
+            used <= HEADER_READ_BYTES + (1 << 20),
+            "{name} inflating to 256 MiB: {used} bytes allocated"
+        );
+        eprintln!(
+            "{name} inflating to 256 MiB ({} bytes): {:?} ({used} bytes allocated)",
+            bytes.len(),
+            result.map(|t| t.dims().to_vec())
+        );
     }
     // Plain text over the limit is refused outright: the decoder would have to hold it.
     let text = [b"Comment\0".as_slice(), &vec![b'x'; 3 << 20]].concat();
@@ -211,7 +268,9 @@ fn truncated_images_are_errors_in_every_format() {
     let _serial = serial();
     let pre = imagenet();
     let mut accepted = Vec::new();
-    for (name, bytes) in fixtures("formats").into_iter().chain(fixtures("preprocess/inputs")).chain(generated()) {
+    for (name, bytes) in
+        fixtures("formats").into_iter().chain(fixtures("preprocess/inputs")).chain(generated())
+    {
         // Cuts through the pixel data; a JPEG also loses its end marker at the last byte.
         let last = if name.ends_with(".jpg") { vec![bytes.len() - 1] } else { vec![] };
         for cut in [bytes.len() / 3, bytes.len() * 2 / 3].into_iter().chain(last) {
@@ -278,7 +337,9 @@ fn mutate(rng: &mut StdRng, input: &[u8]) -> Vec<u8> {
                 // A 16- or 32-bit big-endian field (dimensions, lengths) set to an extreme.
                 let width = if rng.random() { 2 } else { 4 };
                 if at + width <= out.len() {
-                    let value: [u8; 4] = [[0xFF; 4], [0; 4], [0x7F, 0xFF, 0xFF, 0xFF], [0, 0, 0, 1], [0, 1, 0, 0]][rng.random_range(0..5)];
+                    let value: [u8; 4] =
+                        [[0xFF; 4], [0; 4], [0x7F, 0xFF, 0xFF, 0xFF], [0, 0, 0, 1], [0, 1, 0, 0]]
+                            [rng.random_range(0..5)];
                     out[at..at + width].copy_from_slice(&value[4 - width..]);
                 }
             }
@@ -314,16 +375,35 @@ fn crc32(data: &[u8]) -> u32 {
 
 /// Small seeds of every format, so that each iteration is quick.
 fn image_seeds() -> Vec<(String, Vec<u8>)> {
-    let photo = DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 128])));
-    let mut seeds: Vec<(String, Vec<u8>)> = [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::WebP]
-        .into_iter()
-        .map(|f| (format!("seed.{}", f.extensions_str()[0]), encode(&photo, f)))
-        .collect();
-    seeds.push(("seed16.png".into(), encode(&DynamicImage::ImageRgba16(photo.to_rgba16()), ImageFormat::Png)));
+    let photo = DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 128])
+    }));
+    let mut seeds: Vec<(String, Vec<u8>)> = [
+        ImageFormat::Png,
+        ImageFormat::Jpeg,
+        ImageFormat::Gif,
+        ImageFormat::Bmp,
+        ImageFormat::Tiff,
+        ImageFormat::WebP,
+    ]
+    .into_iter()
+    .map(|f| (format!("seed.{}", f.extensions_str()[0]), encode(&photo, f)))
+    .collect();
+    seeds.push((
+        "seed16.png".into(),
+        encode(&DynamicImage::ImageRgba16(photo.to_rgba16()), ImageFormat::Png),
+    ));
     seeds.push(("small_png".into(), common::small_png(7)));
-    let progressive = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/inputs/imagenet_11_630.jpg")).unwrap();
+    let progressive = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/preprocess/inputs/imagenet_11_630.jpg"),
+    )
+    .unwrap();
     seeds.push(("progressive.jpg".into(), progressive));
-    seeds.push(("rotated.jpg".into(), common::with_exif_orientation(&encode(&photo, ImageFormat::Jpeg), 8)));
+    seeds.push((
+        "rotated.jpg".into(),
+        common::with_exif_orientation(&encode(&photo, ImageFormat::Jpeg), 8),
+    ));
     seeds
 }
 
@@ -337,7 +417,9 @@ fn check_image(pre: &Preprocessor, bytes: &[u8]) -> Result<(), String> {
     let (result, used) = measure(|| catch_unwind(AssertUnwindSafe(|| pre.prepare(bytes, &plan))));
     match result {
         Err(_) => Err("prepare panicked".into()),
-        Ok(_) if used > plan.peak_bytes => Err(format!("used {used} bytes, plan {}", plan.peak_bytes)),
+        Ok(_) if used > plan.peak_bytes => {
+            Err(format!("used {used} bytes, plan {}", plan.peak_bytes))
+        }
         Ok(_) => Ok(()),
     }
 }
@@ -348,7 +430,8 @@ fn regressions_found_by_fuzzing_stay_fixed() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/regressions");
     for (name, bytes) in fixtures("regressions") {
         for pre in [imagenet(), bundled()] {
-            check_image(&pre, &bytes).unwrap_or_else(|e| panic!("{}: {e}", dir.join(&name).display()));
+            check_image(&pre, &bytes)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.join(&name).display()));
         }
     }
 }
@@ -371,7 +454,10 @@ fn fuzz_images_never_panic_or_outgrow_their_plan() {
         }
         accepted += pre.plan(&input).is_ok() as usize;
     }
-    eprintln!("{iterations} mutated images ({accepted} with a readable header) in {:.1} s, seed {seed}", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{iterations} mutated images ({accepted} with a readable header) in {:.1} s, seed {seed}",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn multipart_body(parts: &[(&str, &[u8])]) -> Vec<u8> {
@@ -394,11 +480,21 @@ fn fuzz_request_bodies_never_panic_or_outgrow_their_reservation() {
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png);
     let seeds: Vec<(&str, Vec<u8>)> = vec![
         ("multipart/form-data; boundary=XyZ", multipart_body(&[("a.png", &png), ("b.png", &png)])),
-        ("application/json", format!("{{\"images\": [\"{b64}\", \"data:image/png;base64,{b64}\"]}}").into_bytes()),
-        ("application/json", format!("{{\"images\": [\"{}\"]}}", b64.replace('/', "\\/")).into_bytes()),
+        (
+            "application/json",
+            format!("{{\"images\": [\"{b64}\", \"data:image/png;base64,{b64}\"]}}").into_bytes(),
+        ),
+        (
+            "application/json",
+            format!("{{\"images\": [\"{}\"]}}", b64.replace('/', "\\/")).into_bytes(),
+        ),
         ("image/png", png.clone()),
     ];
-    let limits = BodyLimits { max_bytes: 1 << 20, read_timeout: Duration::from_secs(5), memory_wait: Duration::from_millis(10) };
+    let limits = BodyLimits {
+        max_bytes: 1 << 20,
+        read_timeout: Duration::from_secs(5),
+        memory_wait: Duration::from_millis(10),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let pool = MemoryPool::new(64 << 20);
     for i in 0..iterations {
@@ -409,11 +505,19 @@ fn fuzz_request_bodies_never_panic_or_outgrow_their_reservation() {
         headers.insert("content-length", body.len().into());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let request_body = axum::body::Body::from(body.clone());
-        let (result, used) = measure(|| catch_unwind(AssertUnwindSafe(|| runtime.block_on(read_images(&headers, request_body, &limits, 8, &pool, deadline)))));
+        let (result, used) = measure(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                runtime.block_on(read_images(&headers, request_body, &limits, 8, &pool, deadline))
+            }))
+        });
         let failure = match &result {
             Err(_) => Some("read_images panicked".to_string()),
-            Ok(Ok(images)) if used > images.memory.bytes() + (64 << 10) => Some(format!("used {used} bytes, reserved {}", images.memory.bytes())),
-            Ok(Err(_)) if used > 4 * body.len() as u64 + (64 << 10) => Some(format!("used {used} bytes for a {}-byte body", body.len())),
+            Ok(Ok(images)) if used > images.memory.bytes() + (64 << 10) => {
+                Some(format!("used {used} bytes, reserved {}", images.memory.bytes()))
+            }
+            Ok(Err(_)) if used > 4 * body.len() as u64 + (64 << 10) => {
+                Some(format!("used {used} bytes for a {}-byte body", body.len()))
+            }
             _ => None,
         };
         if let Some(failure) = failure {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use fasternet_serve::model::{
-    infer_config, Activation, Checkpoint, Engine, FasterNet, FasterNetConfig, FasterNetWeights, ModelError, Naming, Variant,
+    infer_config, Activation, Checkpoint, Engine, FasterNet, FasterNetConfig, FasterNetWeights,
+    ModelError, Naming, Variant,
 };
 
 fn fixtures() -> PathBuf {
@@ -14,7 +15,9 @@ fn fixtures() -> PathBuf {
 }
 
 fn read_config(dir: &Path, name: &str) -> (FasterNetConfig, Vec<String>) {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
     let depths: Vec<usize> = serde_json::from_value(v["depths"].clone()).unwrap();
     let config = FasterNetConfig {
         embed_dim: v["embed_dim"].as_u64().unwrap() as usize,
@@ -30,7 +33,16 @@ fn read_config(dir: &Path, name: &str) -> (FasterNetConfig, Vec<String>) {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
@@ -41,32 +53,44 @@ fn max_abs(a: &Tensor) -> f32 {
 /// 1e-4 * max(1, max |logit|). Returns the worst relative error seen.
 fn check_case(dir: &Path, name: &str) -> f32 {
     let (config, inputs) = read_config(dir, name);
-    let io = candle_core::safetensors::load(dir.join(format!("{name}.io.safetensors")), &Device::Cpu).unwrap();
-    let weight_files: Vec<PathBuf> = ["timm.safetensors", "official.safetensors", "official.pth", "official_model.pth"]
-        .iter()
-        .map(|suffix| dir.join(format!("{name}.{suffix}")))
-        .filter(|p| p.exists())
-        .collect();
+    let io =
+        candle_core::safetensors::load(dir.join(format!("{name}.io.safetensors")), &Device::Cpu)
+            .unwrap();
+    let weight_files: Vec<PathBuf> =
+        ["timm.safetensors", "official.safetensors", "official.pth", "official_model.pth"]
+            .iter()
+            .map(|suffix| dir.join(format!("{name}.{suffix}")))
+            .filter(|p| p.exists())
+            .collect();
     assert!(weight_files.len() >= 3, "{name}: weights files missing in {}", dir.display());
     let mut worst = 0f32;
     for path in weight_files {
-        let checkpoint = Checkpoint::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let want_naming = if path.to_string_lossy().contains(".official") { Naming::Official } else { Naming::Timm };
+        let checkpoint =
+            Checkpoint::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let want_naming = if path.to_string_lossy().contains(".official") {
+            Naming::Official
+        } else {
+            Naming::Timm
+        };
         assert_eq!(checkpoint.naming, want_naming, "{}", path.display());
         // Everything but the activation is read off the shapes.
         let inferred = infer_config(&checkpoint.tensors, None).unwrap();
         assert_eq!(FasterNetConfig { act: config.act, ..inferred }, config, "{}", path.display());
         assert_eq!(Engine::default(), Engine::Fast, "the fast engine is the default");
-        let fast = FasterNet::from_checkpoint(checkpoint, Some(config.clone()), Engine::Fast).unwrap();
+        let fast =
+            FasterNet::from_checkpoint(checkpoint, Some(config.clone()), Engine::Fast).unwrap();
         assert_eq!(fast.engine(), Engine::Fast);
         let reference = FasterNet::with_engine(fast.weights().clone(), Engine::Reference).unwrap();
-        for (model, input) in [&fast, &reference].into_iter().flat_map(|m| inputs.iter().map(move |i| (m, i))) {
+        for (model, input) in
+            [&fast, &reference].into_iter().flat_map(|m| inputs.iter().map(move |i| (m, i)))
+        {
             let suffix = input.strip_prefix("input").unwrap();
             let out = model.forward(&io[input]).unwrap();
             let logits = &io[&format!("logits{suffix}")];
             let features = &io[&format!("features{suffix}")];
             let tol = 1e-4 * max_abs(logits).max(1.0);
-            let (dl, df) = (max_abs_diff(&out.logits, logits), max_abs_diff(&out.features, features));
+            let (dl, df) =
+                (max_abs_diff(&out.logits, logits), max_abs_diff(&out.features, features));
             let ftol = 1e-4 * max_abs(features).max(1.0);
             eprintln!("{name} {input} {:?} from {}, {} engine: max|dlogit| {dl:.2e} (tol {tol:.2e}), max|dfeature| {df:.2e}",
                 io[input].dims(), path.file_name().unwrap().to_string_lossy(), model.engine());
@@ -127,13 +151,22 @@ fn save(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> PathBuf {
 #[test]
 fn a_config_that_disagrees_names_the_key_and_both_shapes() {
     let checkpoint = Checkpoint::load(&fixtures().join("tiny_gelu.official.pth")).unwrap();
-    let err = FasterNet::from_checkpoint(checkpoint, Some(FasterNetConfig::preset(Variant::T0, 7)), Engine::Fast)
-        .err()
-        .expect("t0 shapes cannot fit a tiny checkpoint");
+    let err = FasterNet::from_checkpoint(
+        checkpoint,
+        Some(FasterNetConfig::preset(Variant::T0, 7)),
+        Engine::Fast,
+    )
+    .err()
+    .expect("t0 shapes cannot fit a tiny checkpoint");
     let msg = err.to_string();
     assert!(matches!(err, ModelError::Mismatch { .. }), "{msg}");
     assert!(msg.contains("fasternet_t0"), "{msg}");
-    assert!(msg.contains("patch_embed.proj.weight (expected [40, 3, 4, 4], checkpoint has [8, 3, 4, 4])"), "{msg}");
+    assert!(
+        msg.contains(
+            "patch_embed.proj.weight (expected [40, 3, 4, 4], checkpoint has [8, 3, 4, 4])"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -142,16 +175,32 @@ fn missing_unexpected_and_misshaped_tensors_are_listed_in_one_error() {
     let (config, _) = read_config(&fixtures(), "tiny_relu");
     let mut t = load_tensors(&fixtures().join("tiny_relu.timm.safetensors"));
     t.remove("stages.2.blocks.0.mlp.3.weight").unwrap();
-    t.insert("stages.9.extra.weight".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
-    t.insert("classifier.bias".into(), Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "stages.9.extra.weight".into(),
+        Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "classifier.bias".into(),
+        Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     let path = save(dir.path(), "broken.safetensors", &t);
-    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), Some(config), Engine::Fast).err().unwrap();
-    let ModelError::Mismatch { missing, unexpected, mismatched, .. } = &err else { panic!("{err}") };
+    let err =
+        FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), Some(config), Engine::Fast)
+            .err()
+            .unwrap();
+    let ModelError::Mismatch { missing, unexpected, mismatched, .. } = &err else {
+        panic!("{err}")
+    };
     assert_eq!(missing, &["stages.2.blocks.0.mlp.3.weight"]);
     assert_eq!(unexpected, &["stages.9.extra.weight"]);
     assert_eq!(mismatched, &[("classifier.bias".to_string(), vec![5], vec![4])]);
     let msg = err.to_string();
-    for part in ["1 missing", "1 unexpected", "1 with another shape", "classifier.bias (expected [5], checkpoint has [4])"] {
+    for part in [
+        "1 missing",
+        "1 unexpected",
+        "1 with another shape",
+        "classifier.bias (expected [5], checkpoint has [4])",
+    ] {
         assert!(msg.contains(part), "`{part}` not in: {msg}");
     }
 }
@@ -160,11 +209,20 @@ fn missing_unexpected_and_misshaped_tensors_are_listed_in_one_error() {
 fn other_architectures_and_corrupt_files_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     // A safetensors file of something else entirely.
-    let other = HashMap::from([("fc.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap())]);
+    let other = HashMap::from([(
+        "fc.weight".to_string(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]);
     let path = save(dir.path(), "resnet.safetensors", &other);
-    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), None, Engine::Fast).err().unwrap();
+    let err = FasterNet::from_checkpoint(Checkpoint::load(&path).unwrap(), None, Engine::Fast)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("not a FasterNet checkpoint"), "{err}");
-    for (name, bytes) in [("junk.pth", &b"not a zip at all"[..]), ("junk.safetensors", &b"\x08\0\0\0\0\0\0\0{}"[..]), ("empty.pth", &b""[..])] {
+    for (name, bytes) in [
+        ("junk.pth", &b"not a zip at all"[..]),
+        ("junk.safetensors", &b"\x08\0\0\0\0\0\0\0{}"[..]),
+        ("empty.pth", &b""[..]),
+    ] {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         let err = Checkpoint::load(&p).err().unwrap_or_else(|| panic!("{name} loaded"));
@@ -178,7 +236,12 @@ fn other_architectures_and_corrupt_files_are_errors_not_panics() {
 #[test]
 fn inputs_of_any_size_from_32_and_any_batch_work_smaller_ones_are_rejected() {
     let (config, _) = read_config(&fixtures(), "tiny_gelu");
-    let model = FasterNet::from_checkpoint(Checkpoint::load(&fixtures().join("tiny_gelu.timm.safetensors")).unwrap(), Some(config), Engine::Fast).unwrap();
+    let model = FasterNet::from_checkpoint(
+        Checkpoint::load(&fixtures().join("tiny_gelu.timm.safetensors")).unwrap(),
+        Some(config),
+        Engine::Fast,
+    )
+    .unwrap();
     for (b, h, w) in [(1, 32, 32), (3, 37, 101), (5, 64, 33)] {
         let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
         let out = model.forward(&x).unwrap();
@@ -190,11 +253,19 @@ fn inputs_of_any_size_from_32_and_any_batch_work_smaller_ones_are_rejected() {
         assert!(matches!(model.forward(&x), Err(ModelError::Input(_))), "{dims:?} accepted");
     }
     // Separate images: the same limits, and one shape for all.
-    let image = |h: usize, w: usize| Tensor::zeros((3, h, w), candle_core::DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.forward_each(&[image(37, 101), image(37, 101)]).unwrap().logits.dims(), &[2, 7]);
+    let image = |h: usize, w: usize| {
+        Tensor::zeros((3, h, w), candle_core::DType::F32, &Device::Cpu).unwrap()
+    };
+    assert_eq!(
+        model.forward_each(&[image(37, 101), image(37, 101)]).unwrap().logits.dims(),
+        &[2, 7]
+    );
     for images in [vec![image(31, 64)], vec![image(64, 64), image(64, 65)]] {
         let shapes: Vec<_> = images.iter().map(|x| x.dims().to_vec()).collect();
-        assert!(matches!(model.forward_each(&images), Err(ModelError::Input(_))), "{shapes:?} accepted");
+        assert!(
+            matches!(model.forward_each(&images), Err(ModelError::Input(_))),
+            "{shapes:?} accepted"
+        );
     }
 }
 
@@ -229,21 +300,35 @@ fn fast_engine_matches_the_reference_for_every_variant() {
         let fast = FasterNet::with_engine(weights, Engine::Fast).unwrap();
         for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
             let x = if w % 2 == 1 {
-                Tensor::randn(0f32, 1.0, (b, 3, w, h), &Device::Cpu).unwrap().transpose(2, 3).unwrap()
+                Tensor::randn(0f32, 1.0, (b, 3, w, h), &Device::Cpu)
+                    .unwrap()
+                    .transpose(2, 3)
+                    .unwrap()
             } else {
-                Tensor::randn(0f32, 1.0, (b + 1, 3, h, w), &Device::Cpu).unwrap().narrow(0, 1, b).unwrap()
+                Tensor::randn(0f32, 1.0, (b + 1, 3, h, w), &Device::Cpu)
+                    .unwrap()
+                    .narrow(0, 1, b)
+                    .unwrap()
             };
-            let (want, got) = (reference.forward(&x).unwrap(), pool.install(|| fast.forward(&x).unwrap()));
+            let (want, got) =
+                (reference.forward(&x).unwrap(), pool.install(|| fast.forward(&x).unwrap()));
             let tol = 1e-4 * max_abs(&want.logits).max(1.0);
             let d = max_abs_diff(&want.logits, &got.logits);
             assert!(d <= tol, "{variant} {b}x{h}x{w}: logits differ by {d} (tol {tol})");
             let ftol = 1e-4 * max_abs(&want.features).max(1.0);
-            assert!(max_abs_diff(&want.features, &got.features) <= ftol, "{variant}: features differ");
+            assert!(
+                max_abs_diff(&want.features, &got.features) <= ftol,
+                "{variant}: features differ"
+            );
             // The same batch as separate images (how the service passes it), read in place:
             // the same computation, so the same bits.
             let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
             let each = pool.install(|| fast.forward_each(&images).unwrap());
-            assert_eq!(each.logits.to_vec2::<f32>().unwrap(), got.logits.to_vec2::<f32>().unwrap(), "{variant} {b}x{h}x{w}: forward_each");
+            assert_eq!(
+                each.logits.to_vec2::<f32>().unwrap(),
+                got.logits.to_vec2::<f32>().unwrap(),
+                "{variant} {b}x{h}x{w}: forward_each"
+            );
         }
     }
 }
@@ -254,7 +339,9 @@ fn fast_engine_matches_the_reference_for_every_variant() {
 #[test]
 fn fast_bf16_engine_stays_close_to_the_reference() {
     for (i, variant) in Variant::ALL.into_iter().enumerate() {
-        let weights = FasterNetWeights::random(&FasterNetConfig::preset(variant, 100), 11 + i as u64).unwrap();
+        let weights =
+            FasterNetWeights::random(&FasterNetConfig::preset(variant, 100), 11 + i as u64)
+                .unwrap();
         let bf16 = match FasterNet::with_engine(weights.clone(), Engine::FastBf16) {
             Ok(model) => model,
             Err(e) if e.to_string().contains("AVX512-BF16") => return eprintln!("skipped: {e}"),

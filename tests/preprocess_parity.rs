@@ -5,7 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use fasternet_serve::preprocess::{decode, ImageError, Interpolation, PreprocessConfig, Preprocessor};
+use fasternet_serve::preprocess::{
+    decode, ImageError, Interpolation, PreprocessConfig, Preprocessor,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -37,7 +39,8 @@ fn preprocessor(case: &Case) -> Preprocessor {
 #[test]
 fn resize_and_crop_match_timm_on_real_photos() {
     let dir = fixtures();
-    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     assert!(cases.len() >= 10);
     let mut failures = Vec::new();
     for case in &cases {
@@ -46,7 +49,12 @@ fn resize_and_crop_match_timm_on_real_photos() {
         let ours = p.resize_and_crop(&image);
         let want = image::open(dir.join(&case.expected)).unwrap().to_rgb8();
         assert_eq!(ours.dimensions(), want.dimensions(), "{}", case.expected);
-        let diffs: Vec<f64> = ours.as_raw().iter().zip(want.as_raw()).map(|(&a, &b)| (a as f64 - b as f64).abs()).collect();
+        let diffs: Vec<f64> = ours
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(&a, &b)| (a as f64 - b as f64).abs())
+            .collect();
         let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
         let max = diffs.iter().cloned().fold(0.0, f64::max);
         eprintln!("{:<40} mean |diff| {mean:.3}/255, max {max}/255", case.expected);
@@ -93,7 +101,9 @@ fn the_pixel_limit_is_checked_from_the_header_before_decoding() {
     // header alone (decoding would need 17 GB).
     let mut gif = b"GIF89a".to_vec();
     gif.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00]);
-    gif.extend_from_slice(&[0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b]);
+    gif.extend_from_slice(&[
+        0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+    ]);
     let err = decode(&gif, 50_000_000).unwrap_err();
     assert!(matches!(err, ImageError::TooLarge { width: 65535, height: 65535, .. }), "{err}");
     assert!(err.to_string().contains("over the limit of 50000000"), "{err}");
@@ -101,24 +111,43 @@ fn the_pixel_limit_is_checked_from_the_header_before_decoding() {
 
 #[test]
 fn small_images_are_told_apart_by_their_header() {
-    let bundled = Preprocessor::new(PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() }, 50_000_000);
+    let bundled = Preprocessor::new(
+        PreprocessConfig { input_size: (64, 64), crop_pct: 1.0, ..PreprocessConfig::imagenet() },
+        50_000_000,
+    );
     let imagenet = Preprocessor::new(PreprocessConfig::imagenet(), 50_000_000);
     let small = |p: &Preprocessor, bytes: &[u8]| p.plan(bytes).is_ok_and(|plan| p.is_small(&plan));
-    let fashion = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion_mnist_t10k_0.png")).unwrap();
+    let fashion = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion_mnist_t10k_0.png"),
+    )
+    .unwrap();
     assert!(small(&bundled, &fashion), "28x28 in, 64x64 out");
     assert!(!small(&imagenet, &fashion), "28x28 in, but resized to 248x248");
     let chelsea = std::fs::read(fixtures().join("inputs/chelsea.png")).unwrap();
     assert!(!small(&bundled, &chelsea), "451x300 in");
     assert!(!small(&bundled, b"plain words"), "no header: the error comes from the full decoder");
     // A 29-byte GIF whose header claims 65535x65535.
-    let gif = [b"GIF89a".as_slice(), &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x02, 0x02, 0x44, 0x01, 0, 0x3b]].concat();
+    let gif = [
+        b"GIF89a".as_slice(),
+        &[
+            0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0x2c, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x02,
+            0x02, 0x44, 0x01, 0, 0x3b,
+        ],
+    ]
+    .concat();
     assert!(!small(&bundled, &gif));
 }
 
 #[test]
 fn exif_orientation_is_applied() {
     // 40x20: left half white, right half black.
-    let img = image::RgbImage::from_fn(40, 20, |x, _| if x < 20 { image::Rgb([255; 3]) } else { image::Rgb([0; 3]) });
+    let img = image::RgbImage::from_fn(40, 20, |x, _| {
+        if x < 20 {
+            image::Rgb([255; 3])
+        } else {
+            image::Rgb([0; 3])
+        }
+    });
     let mut jpeg = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
     let plain = decode(&jpeg, 1_000_000).unwrap();
@@ -133,7 +162,9 @@ fn exif_orientation_is_applied() {
 
 #[test]
 fn every_supported_format_decodes_and_grey_and_alpha_convert_like_pil() {
-    let rgba = image::RgbaImage::from_fn(33, 17, |x, y| image::Rgba([(x * 7) as u8, (y * 13) as u8, 200, (x * y) as u8]));
+    let rgba = image::RgbaImage::from_fn(33, 17, |x, y| {
+        image::Rgba([(x * 7) as u8, (y * 13) as u8, 200, (x * y) as u8])
+    });
     let dynamic = image::DynamicImage::ImageRgba8(rgba.clone());
     for format in [image::ImageFormat::Png, image::ImageFormat::WebP, image::ImageFormat::Tiff] {
         let mut bytes = Vec::new();

@@ -23,7 +23,12 @@ fn assert_same(a: &[(u64, f64)], b: &[(u64, f64)]) {
 }
 
 fn scores(v: &Value) -> Vec<(u64, f64)> {
-    v["predictions"].as_array().unwrap().iter().map(|p| (p["class_index"].as_u64().unwrap(), p["score"].as_f64().unwrap())).collect()
+    v["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["class_index"].as_u64().unwrap(), p["score"].as_f64().unwrap()))
+        .collect()
 }
 
 #[tokio::test]
@@ -32,7 +37,13 @@ async fn every_input_form_gives_the_same_answers_in_request_order() {
     let c = reqwest::Client::new();
     let (a, b) = (fixture("chelsea.png"), small_png(3));
 
-    let raw = c.post(s.url("/classify?top_k=3")).header("content-type", "image/png").body(a.clone()).send().await.unwrap();
+    let raw = c
+        .post(s.url("/classify?top_k=3"))
+        .header("content-type", "image/png")
+        .body(a.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.status(), 200);
     assert!(raw.headers()["x-request-id"].len() >= 32, "a request id is generated");
     for h in ["x-queue-time", "x-inference-time", "x-preprocess-time", "x-total-time"] {
@@ -47,13 +58,25 @@ async fn every_input_form_gives_the_same_answers_in_request_order() {
     assert!(preds.windows(2).all(|w| w[0].1 >= w[1].1), "highest score first");
     assert!(single["predictions"][0]["label"].is_string());
 
-    let octet = json(c.post(s.url("/classify?top_k=3")).header("content-type", "application/octet-stream").body(a.clone()).send().await.unwrap()).await;
+    let octet = json(
+        c.post(s.url("/classify?top_k=3"))
+            .header("content-type", "application/octet-stream")
+            .body(a.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_same(&scores(&octet["results"][0]), &preds);
 
     let form = Form::new()
         .part("first", Part::bytes(b.clone()).file_name("b.png").mime_str("image/png").unwrap())
-        .part("second", Part::bytes(a.clone()).file_name("chelsea.png").mime_str("image/png").unwrap());
-    let multi = json(c.post(s.url("/classify?top_k=3")).multipart(form).send().await.unwrap()).await;
+        .part(
+            "second",
+            Part::bytes(a.clone()).file_name("chelsea.png").mime_str("image/png").unwrap(),
+        );
+    let multi =
+        json(c.post(s.url("/classify?top_k=3")).multipart(form).send().await.unwrap()).await;
     let results = multi["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     assert_eq!(results[0]["filename"], "b.png");
@@ -78,7 +101,12 @@ async fn every_input_form_gives_the_same_answers_in_request_order() {
 #[tokio::test]
 async fn request_ids_are_propagated() {
     let s = Server::start(&[]).await;
-    let r = reqwest::Client::new().get(s.url("/healthz")).header("x-request-id", "abc-123").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(s.url("/healthz"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
 }
 
@@ -92,7 +120,10 @@ async fn embed_returns_feature_vectors_optionally_normalised() {
     assert_eq!(e.len(), 1280);
     let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
     assert!(norm > 1.5, "raw features are not unit length ({norm})");
-    let n = json(c.post(s.url("/embed?normalize=true")).body(fixture("chelsea.png")).send().await.unwrap()).await;
+    let n = json(
+        c.post(s.url("/embed?normalize=true")).body(fixture("chelsea.png")).send().await.unwrap(),
+    )
+    .await;
     let u: Vec<f64> = serde_json::from_value(n["results"][0]["embedding"].clone()).unwrap();
     assert!((u.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-4);
     assert!((u[7] - e[7] / norm).abs() < 1e-5);
@@ -120,7 +151,15 @@ async fn models_health_and_unknown_routes() {
 /// (request, expected status, expected error code, text the message must contain)
 #[tokio::test]
 async fn bad_input_gets_its_status_and_a_json_error_and_the_server_carries_on() {
-    let s = Server::start(&["--body-limit", "300000", "--max-images-per-request", "3", "--max-pixels", "100000"]).await;
+    let s = Server::start(&[
+        "--body-limit",
+        "300000",
+        "--max-images-per-request",
+        "3",
+        "--max-pixels",
+        "100000",
+    ])
+    .await;
     let c = reqwest::Client::new();
     let png = small_png(1);
     let chelsea = fixture("chelsea.png"); // 451x300 = 135,300 pixels, over the 100,000 limit
@@ -132,18 +171,67 @@ async fn bad_input_gets_its_status_and_a_json_error_and_the_server_carries_on() 
         (c.post(s.url("/classify")).body(chelsea.clone()), 413, "image_too_large", "451x300"),
         (c.post(s.url("/classify")).body(truncated), 422, "invalid_image", "image 0"),
         (c.post(s.url("/classify")).body(Vec::new()), 422, "invalid_image", "empty"),
-        (c.post(s.url("/classify")).body(b"GIF89a\x02\x00\x02\x00 and then garbage".to_vec()), 422, "invalid_image", "image 0"),
-        (c.post(s.url("/classify")).body(b"plain words".to_vec()), 422, "invalid_image", "unsupported image format"),
-        (c.post(s.url("/classify")).header("content-type", "text/plain").body(png.clone()), 415, "unsupported_media_type", "text/plain"),
+        (
+            c.post(s.url("/classify")).body(b"GIF89a\x02\x00\x02\x00 and then garbage".to_vec()),
+            422,
+            "invalid_image",
+            "image 0",
+        ),
+        (
+            c.post(s.url("/classify")).body(b"plain words".to_vec()),
+            422,
+            "invalid_image",
+            "unsupported image format",
+        ),
+        (
+            c.post(s.url("/classify")).header("content-type", "text/plain").body(png.clone()),
+            415,
+            "unsupported_media_type",
+            "text/plain",
+        ),
         (c.post(s.url("/classify?top_k=0")).body(png.clone()), 422, "invalid_request", "top_k"),
         (c.post(s.url("/classify?top_k=11")).body(png.clone()), 422, "invalid_request", "1..=10"),
         (c.post(s.url("/classify?top_k=abc")).body(png.clone()), 422, "invalid_request", "top_k"),
-        (c.post(s.url("/classify")).header("content-type", "application/json").body("{\"images\": [1"), 422, "invalid_request", "JSON"),
-        (c.post(s.url("/classify")).json(&serde_json::json!({"images": ["%%%"]})), 422, "invalid_request", "base64"),
-        (c.post(s.url("/classify")).json(&serde_json::json!({"images": []})), 422, "invalid_request", "no image"),
-        (c.post(s.url("/classify")).header("content-type", "multipart/form-data; boundary=xyz").body("--xyz\r\nbroken"), 422, "invalid_request", "multipart"),
-        (c.post(s.url("/classify")).header("content-type", "multipart/form-data").body("x"), 422, "invalid_request", "multipart"),
-        (c.post(s.url("/embed?normalize=maybe")).body(png.clone()), 422, "invalid_request", "normalize"),
+        (
+            c.post(s.url("/classify"))
+                .header("content-type", "application/json")
+                .body("{\"images\": [1"),
+            422,
+            "invalid_request",
+            "JSON",
+        ),
+        (
+            c.post(s.url("/classify")).json(&serde_json::json!({"images": ["%%%"]})),
+            422,
+            "invalid_request",
+            "base64",
+        ),
+        (
+            c.post(s.url("/classify")).json(&serde_json::json!({"images": []})),
+            422,
+            "invalid_request",
+            "no image",
+        ),
+        (
+            c.post(s.url("/classify"))
+                .header("content-type", "multipart/form-data; boundary=xyz")
+                .body("--xyz\r\nbroken"),
+            422,
+            "invalid_request",
+            "multipart",
+        ),
+        (
+            c.post(s.url("/classify")).header("content-type", "multipart/form-data").body("x"),
+            422,
+            "invalid_request",
+            "multipart",
+        ),
+        (
+            c.post(s.url("/embed?normalize=maybe")).body(png.clone()),
+            422,
+            "invalid_request",
+            "normalize",
+        ),
     ];
     for (i, (request, status, code, text)) in cases.into_iter().enumerate() {
         let r = request.send().await.unwrap();
@@ -191,20 +279,35 @@ async fn metrics_pass_promtool_and_the_openapi_document_validates() {
     if require_tool("promtool", "apt-get install prometheus") {
         let path = dir.path().join("metrics.txt");
         std::fs::write(&path, &metrics).unwrap();
-        let out = std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", path.display())).output().unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("promtool check metrics < {}", path.display()))
+            .output()
+            .unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
     }
     let doc: Value = c.get(s.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/classify", "/embed", "/healthz", "/readyz", "/v1/models", "/metrics", "/openapi.json"] {
+    for path in
+        ["/classify", "/embed", "/healthz", "/readyz", "/v1/models", "/metrics", "/openapi.json"]
+    {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
     if require_tool("openapi-spec-validator", "pip install openapi-spec-validator") {
         let path = dir.path().join("openapi.json");
         std::fs::write(&path, doc.to_string()).unwrap();
         let out = std::process::Command::new("openapi-spec-validator").arg(&path).output().unwrap();
-        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -244,7 +347,16 @@ async fn the_api_keeps_its_openapi_contract_under_schemathesis() {
     let url = s.url("/openapi.json");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("st")
-            .args(["run", &url, "--max-examples", "100", "--phases", "examples,fuzzing", "--seed", "1"])
+            .args([
+                "run",
+                &url,
+                "--max-examples",
+                "100",
+                "--phases",
+                "examples,fuzzing",
+                "--seed",
+                "1",
+            ])
             .current_dir(&dir)
             .env("SCHEMATHESIS_HOOKS", "hooks")
             .env("PYTHONPATH", &dir)
@@ -253,7 +365,8 @@ async fn the_api_keeps_its_openapi_contract_under_schemathesis() {
     })
     .await
     .unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found problems:\n{report}");
     eprintln!("{}", report.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
 }

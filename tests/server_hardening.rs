@@ -39,7 +39,15 @@ fn json_body(response: &str) -> Value {
 
 #[tokio::test]
 async fn slow_and_idle_connections_are_closed_and_cannot_hold_the_server() {
-    let s = Server::start(&["--header-read-timeout-ms", "300", "--keep-alive-timeout-ms", "1500", "--body-read-timeout-ms", "400"]).await;
+    let s = Server::start(&[
+        "--header-read-timeout-ms",
+        "300",
+        "--keep-alive-timeout-ms",
+        "1500",
+        "--body-read-timeout-ms",
+        "400",
+    ])
+    .await;
     let target = addr(&s);
     tokio::task::spawn_blocking(move || {
         let s = target.as_str();
@@ -86,7 +94,13 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     let url = s.url("/healthz");
     let third = tokio::spawn(async move {
         let started = Instant::now();
-        let status = reqwest::Client::new().get(url).timeout(Duration::from_secs(10)).send().await.unwrap().status();
+        let status = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap()
+            .status();
         (status, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -108,7 +122,10 @@ fn read_response(stream: &mut TcpStream) -> String {
         out.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
-    let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).unwrap();
     out.extend(body);
@@ -117,7 +134,17 @@ fn read_response(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open_connections() {
-    let s = Server::start(&["--max-batch-delay-ms", "1500", "--max-batch-size", "64", "--shutdown-grace-seconds", "20", "--header-read-timeout-ms", "15000"]).await;
+    let s = Server::start(&[
+        "--max-batch-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "64",
+        "--shutdown-grace-seconds",
+        "20",
+        "--header-read-timeout-ms",
+        "15000",
+    ])
+    .await;
     let target = addr(&s);
     let mut half = TcpStream::connect(&target).unwrap();
     half.write_all(b"POST /classify HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -128,7 +155,14 @@ async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open
     // A request the worker holds for 1.5 s, hoping for company.
     let in_flight = tokio::spawn({
         let url = s.url("/classify");
-        async move { reqwest::Client::new().post(url).body(small_png(4)).send().await.map(|r| r.status().as_u16()) }
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body(small_png(4))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.metric("fasternet_queue_depth").await < 1.0 {
@@ -155,10 +189,18 @@ async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open
     assert!(reply.0.to_ascii_lowercase().contains("connection: close"), "{}", reply.0);
     assert!(reply.0.contains("shutting_down"), "{}", reply.0);
     assert!(reply.1, "the connection stayed open");
-    assert_eq!(in_flight.await.unwrap().unwrap(), 200, "a request accepted before the signal is answered");
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "a request accepted before the signal is answered"
+    );
     let exit = s.wait_for_exit(Duration::from_secs(20)).await;
     assert_eq!(exit.code(), Some(0));
-    assert!(signalled.elapsed() < Duration::from_secs(5), "the half-open connection held the drain for {:?}", signalled.elapsed());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "the half-open connection held the drain for {:?}",
+        signalled.elapsed()
+    );
     drop(half);
 }
 
@@ -229,7 +271,10 @@ async fn a_client_that_leaves_mid_upload_is_counted_apart_from_bad_requests() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(s.metric("fasternet_rejections_total{reason=\"invalid_request\"}").await, 0.0);
-    assert_eq!(s.metric("fasternet_http_requests_total{route=\"/classify\",status=\"499\"}").await, 1.0);
+    assert_eq!(
+        s.metric("fasternet_http_requests_total{route=\"/classify\",status=\"499\"}").await,
+        1.0
+    );
 }
 
 /// Runs `fasternet-serve serve ARGS` and returns its exit status and stderr, or panics if it
@@ -263,7 +308,9 @@ fn hub_dir(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     std::fs::copy(weights.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(weights.join("config.json")).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(weights.join("config.json")).unwrap())
+            .unwrap();
     edit(&mut config);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     dir
@@ -274,7 +321,8 @@ fn bad_configurations_are_refused_before_the_port_is_bound() {
     let wait = Duration::from_secs(30);
     let arch = hub_dir(|c| c["architecture"] = "fasternet_t2".into());
     let classes = hub_dir(|c| c["num_classes"] = 11.into());
-    let huge = hub_dir(|c| c["pretrained_cfg"]["input_size"] = serde_json::json!([3, 30000, 30000]));
+    let huge =
+        hub_dir(|c| c["pretrained_cfg"]["input_size"] = serde_json::json!([3, 30000, 30000]));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--weights", arch.path().to_str().unwrap()], "fasternet_t2"),
         (vec!["--weights", classes.path().to_str().unwrap()], "num_classes = 11"),
@@ -290,7 +338,11 @@ fn bad_configurations_are_refused_before_the_port_is_bound() {
         let (code, stderr) = refuse_to_start(&args, wait);
         assert_ne!(code, 0, "{args:?}");
         assert!(stderr.contains(expected), "{args:?}: `{expected}` not in {stderr}");
-        eprintln!("{args:?}: refused in {:?}: {}", started.elapsed(), stderr.lines().last().unwrap_or(""));
+        eprintln!(
+            "{args:?}: refused in {:?}: {}",
+            started.elapsed(),
+            stderr.lines().last().unwrap_or("")
+        );
     }
 }
 
@@ -300,9 +352,19 @@ async fn a_small_queue_alone_is_a_valid_configuration_and_a_taken_port_is_named(
     let models: Value = reqwest::get(s.url("/v1/models")).await.unwrap().json().await.unwrap();
     assert_eq!(models["models"][0]["batching"]["max_images_per_request"], 2);
     let port = s.base.rsplit(':').next().unwrap().to_string();
-    let (code, stderr) = tokio::task::spawn_blocking(move || refuse_to_start(&["--port", &port], Duration::from_secs(30))).await.unwrap();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        refuse_to_start(&["--port", &port], Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
     assert_ne!(code, 0);
-    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{}", s.base.rsplit(':').next().unwrap())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{}",
+            s.base.rsplit(':').next().unwrap()
+        )),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -310,18 +372,27 @@ async fn api_keys_guard_the_api_but_not_the_probes_and_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys");
     std::fs::write(&file, "# next key\nsecond-key-7f3a\n").unwrap();
-    let s = Server::start(&["--api-key", "first-key-91bc", "--api-key-file", file.to_str().unwrap()]).await;
+    let s =
+        Server::start(&["--api-key", "first-key-91bc", "--api-key-file", file.to_str().unwrap()])
+            .await;
     let c = reqwest::Client::new();
     let r = c.post(s.url("/classify")).body(small_png(1)).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
-    let wrong = c.post(s.url("/classify")).bearer_auth("first-key-91bd").body(small_png(1)).send().await.unwrap();
+    let wrong = c
+        .post(s.url("/classify"))
+        .bearer_auth("first-key-91bd")
+        .body(small_png(1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let text = wrong.text().await.unwrap();
     assert!(!text.contains("91bd"), "the presented key is echoed: {text}");
     for key in ["first-key-91bc", "second-key-7f3a"] {
-        let r = c.post(s.url("/classify")).bearer_auth(key).body(small_png(1)).send().await.unwrap();
+        let r =
+            c.post(s.url("/classify")).bearer_auth(key).body(small_png(1)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{key}");
     }
     assert_eq!(c.get(s.url("/v1/models")).send().await.unwrap().status(), 401);
@@ -331,11 +402,17 @@ async fn api_keys_guard_the_api_but_not_the_probes_and_never_reach_the_logs() {
     let logs: Vec<String> = s.startup_logs.iter().cloned().chain(s.logs.try_iter()).collect();
     assert!(!logs.is_empty());
     for line in &logs {
-        assert!(!line.contains("first-key") && !line.contains("second-key"), "a key in the logs: {line}");
+        assert!(
+            !line.contains("first-key") && !line.contains("second-key"),
+            "a key in the logs: {line}"
+        );
     }
 
     let protected = Server::start(&["--api-key", "k-1", "--protect-metrics"]).await;
     assert_eq!(c.get(protected.url("/metrics")).send().await.unwrap().status(), 401);
-    assert_eq!(c.get(protected.url("/metrics")).bearer_auth("k-1").send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(protected.url("/metrics")).bearer_auth("k-1").send().await.unwrap().status(),
+        200
+    );
     assert_eq!(c.get(protected.url("/readyz")).send().await.unwrap().status(), 200);
 }

@@ -24,7 +24,13 @@ fn memory_of(pid: i32) -> Option<(u64, u64)> {
 }
 
 async fn post(c: &reqwest::Client, s: &Server, body: Vec<u8>) -> (u16, Value) {
-    let r = c.post(s.url("/classify")).header("content-type", "application/octet-stream").body(body).send().await.unwrap();
+    let r = c
+        .post(s.url("/classify"))
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
@@ -39,7 +45,12 @@ async fn hostile_and_heavy_requests_are_answered_within_the_memory_budget() {
         return;
     };
     let pool = s.metric("fasternet_memory_request_pool_bytes").await as u64;
-    eprintln!("budget {} MiB, pool {} MiB, peak after start {} MiB", budget / MIB, pool / MIB, start_peak / MIB);
+    eprintln!(
+        "budget {} MiB, pool {} MiB, peak after start {} MiB",
+        budget / MIB,
+        pool / MIB,
+        start_peak / MIB
+    );
 
     let mut iccp = b"icc\0\0".to_vec();
     iccp.extend(deflated_zeros(1 << 30));
@@ -68,7 +79,10 @@ async fn hostile_and_heavy_requests_are_answered_within_the_memory_budget() {
     let heavy = zero_png(4000, 3000, 16, 2, &[]);
     let answers = join_all((0..4).map(|_| post(&c, &s, heavy.clone()))).await;
     for (status, v) in &answers {
-        assert!(*status == 200 || (*status == 503 && v["error"]["code"] == "server_busy"), "{status} {v}");
+        assert!(
+            *status == 200 || (*status == 503 && v["error"]["code"] == "server_busy"),
+            "{status} {v}"
+        );
     }
     eprintln!("4 x 12 MP 16-bit PNG: {:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
 
@@ -80,29 +94,64 @@ async fn hostile_and_heavy_requests_are_answered_within_the_memory_budget() {
         async move {
             let r = c.post(url).header("content-type", "image/png").body(body).send().await;
             match r {
-                Ok(r) => (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null)["error"]["code"].as_str().unwrap_or("").to_string()),
+                Ok(r) => (
+                    r.status().as_u16(),
+                    r.json::<Value>().await.unwrap_or(Value::Null)["error"]["code"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                ),
                 Err(e) => panic!("an upload got no answer: {e}"),
             }
         }
     });
-    let answers = tokio::time::timeout(Duration::from_secs(60), join_all(uploads)).await.expect("every upload answered");
+    let answers = tokio::time::timeout(Duration::from_secs(60), join_all(uploads))
+        .await
+        .expect("every upload answered");
     let busy = answers.iter().filter(|a| a.0 == 503).count();
     for (status, code) in &answers {
-        assert!((*status == 422 && code == "invalid_image") || (*status == 503 && code == "server_busy"), "{status} {code}");
+        assert!(
+            (*status == 422 && code == "invalid_image")
+                || (*status == 503 && code == "server_busy"),
+            "{status} {code}"
+        );
     }
-    eprintln!("40 x 16 MB uploads: {} refused as not an image, {busy} told the server is busy", answers.len() - busy);
+    eprintln!(
+        "40 x 16 MB uploads: {} refused as not an image, {busy} told the server is busy",
+        answers.len() - busy
+    );
 
     // Still serving, nothing reserved, and the peak never crossed the budget.
     assert_eq!(post(&c, &s, small_png(1)).await.0, 200);
     assert_eq!(s.metric("fasternet_memory_reserved_bytes").await, 0.0);
     let (peak, resident) = memory_of(s.pid()).unwrap();
-    eprintln!("peak resident {} MiB (now {} MiB) under a budget of {} MiB", peak / MIB, resident / MIB, budget / MIB);
-    assert!(peak <= budget, "peak resident memory {} MiB over the budget of {} MiB", peak / MIB, budget / MIB);
+    eprintln!(
+        "peak resident {} MiB (now {} MiB) under a budget of {} MiB",
+        peak / MIB,
+        resident / MIB,
+        budget / MIB
+    );
+    assert!(
+        peak <= budget,
+        "peak resident memory {} MiB over the budget of {} MiB",
+        peak / MIB,
+        budget / MIB
+    );
 }
 
 #[tokio::test]
 async fn a_request_that_can_never_fit_is_refused_at_once_and_one_that_waits_too_long_gets_503() {
-    let s = Server::start(&["--memory-budget", "256MiB", "--max-connections", "16", "--memory-wait-ms", "0", "--body-limit", "4MiB"]).await;
+    let s = Server::start(&[
+        "--memory-budget",
+        "256MiB",
+        "--max-connections",
+        "16",
+        "--memory-wait-ms",
+        "0",
+        "--body-limit",
+        "4MiB",
+    ])
+    .await;
     let c = reqwest::Client::new();
     let pool = s.metric("fasternet_memory_request_pool_bytes").await as u64;
     // Decoding 8000x6000 RGB8 needs well over the pool: 413, naming both figures.
@@ -110,8 +159,15 @@ async fn a_request_that_can_never_fit_is_refused_at_once_and_one_that_waits_too_
     let (status, v) = post(&c, &s, zero_png(8000, 6000, 8, 2, &[])).await;
     assert_eq!(status, 413, "{v}");
     let message = v["error"]["message"].as_str().unwrap();
-    assert!(message.contains(&format!("more than the {} MiB this server has for requests", pool / MIB)), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(2), "refused only after {:?}", started.elapsed());
+    assert!(
+        message.contains(&format!("more than the {} MiB this server has for requests", pool / MIB)),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused only after {:?}",
+        started.elapsed()
+    );
     // A 16-bit RGB PNG whose decoding needs about 60% of the pool (12 bytes per pixel: the
     // decoder's output and as much again): two at once do not fit, and with no wait for
     // memory the others get 503 while one decodes.
@@ -121,7 +177,10 @@ async fn a_request_that_can_never_fit_is_refused_at_once_and_one_that_waits_too_
     let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
     eprintln!("pool {} MiB; three {side}x{side} 16-bit PNGs at once: {statuses:?}", pool / MIB);
     assert!(statuses.contains(&200), "{statuses:?}");
-    assert!(answers.iter().any(|(s, v)| *s == 503 && v["error"]["code"] == "server_busy"), "{statuses:?}");
+    assert!(
+        answers.iter().any(|(s, v)| *s == 503 && v["error"]["code"] == "server_busy"),
+        "{statuses:?}"
+    );
     assert!(s.metric("fasternet_rejections_total{reason=\"server_busy\"}").await >= 1.0);
 }
 
@@ -131,7 +190,9 @@ async fn a_request_that_can_never_fit_is_refused_at_once_and_one_that_waits_too_
 #[tokio::test]
 async fn the_forward_pass_estimate_bounds_what_warm_up_really_takes() {
     for engine in ["fast", "reference"] {
-        let s = Server::start(&["--random-init", "t1", "--engine", engine, "--max-batch-size", "24"]).await;
+        let s =
+            Server::start(&["--random-init", "t1", "--engine", engine, "--max-batch-size", "24"])
+                .await;
         let plan = s
             .startup_logs
             .iter()
@@ -142,12 +203,20 @@ async fn the_forward_pass_estimate_bounds_what_warm_up_really_takes() {
             .unwrap()
             .to_string();
         let field = |name: &str| -> u64 {
-            let at = plan.find(&format!("{name}: ")).unwrap_or_else(|| panic!("{name} in {plan}")) + name.len() + 2;
+            let at = plan.find(&format!("{name}: ")).unwrap_or_else(|| panic!("{name} in {plan}"))
+                + name.len()
+                + 2;
             plan[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
         };
-        let (loaded, estimate, baseline) = (field("loaded"), field("forward_estimate"), field("baseline"));
+        let (loaded, estimate, baseline) =
+            (field("loaded"), field("forward_estimate"), field("baseline"));
         let used = baseline.saturating_sub(loaded);
-        eprintln!("{engine}: warm-up took {} MiB over {} MiB loaded; estimated {} MiB", used / MIB, loaded / MIB, estimate / MIB);
+        eprintln!(
+            "{engine}: warm-up took {} MiB over {} MiB loaded; estimated {} MiB",
+            used / MIB,
+            loaded / MIB,
+            estimate / MIB
+        );
         assert!(used <= estimate, "{engine}: warm-up took {used} bytes, estimated {estimate}");
     }
 }

@@ -61,7 +61,17 @@ async fn concurrent_clients_are_batched_and_get_the_same_scores_as_alone() {
 async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answered() {
     // At most 4 images admitted; batches of up to 8 can never fill, so every admitted image
     // waits the whole 300 ms delay. A rejection must come back well before that.
-    let s = Server::start(&["--queue-capacity", "4", "--max-batch-size", "8", "--max-batch-delay-ms", "300", "--max-images-per-request", "2"]).await;
+    let s = Server::start(&[
+        "--queue-capacity",
+        "4",
+        "--max-batch-size",
+        "8",
+        "--max-batch-delay-ms",
+        "300",
+        "--max-images-per-request",
+        "2",
+    ])
+    .await;
     let c = reqwest::Client::new();
     let started = Instant::now();
     let requests = (0..40).map(|i| {
@@ -76,7 +86,9 @@ async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answere
             (status, retry, body, t.elapsed())
         }
     });
-    let answers = tokio::time::timeout(Duration::from_secs(30), join_all(requests)).await.expect("every request answered in time");
+    let answers = tokio::time::timeout(Duration::from_secs(30), join_all(requests))
+        .await
+        .expect("every request answered in time");
     let (mut ok, mut rejected) = (0, 0);
     for (status, retry, body, took) in answers {
         match status {
@@ -85,14 +97,20 @@ async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answere
                 rejected += 1;
                 assert_eq!(retry.as_deref(), Some("1"));
                 assert_eq!(body["error"]["code"], "queue_full");
-                assert!(took < Duration::from_millis(250), "rejection took {took:?}: not before the queued ones were computed");
+                assert!(
+                    took < Duration::from_millis(250),
+                    "rejection took {took:?}: not before the queued ones were computed"
+                );
             }
             other => panic!("unexpected status {other}: {body}"),
         }
     }
     eprintln!("{ok} answered, {rejected} rejected in {:?}", started.elapsed());
     assert!(ok >= 4 && rejected >= 1, "{ok} ok, {rejected} rejected");
-    assert_eq!(s.metric("fasternet_rejections_total{reason=\"queue_full\"}").await, rejected as f64);
+    assert_eq!(
+        s.metric("fasternet_rejections_total{reason=\"queue_full\"}").await,
+        rejected as f64
+    );
     assert_eq!(s.metric("fasternet_queue_depth").await, 0.0);
     // And it still serves.
     assert_eq!(classify(&c, &s, small_png(1)).await.status(), 200);
@@ -102,7 +120,19 @@ async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answere
 async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
     // The reference engine takes about a second for a batch of 32 at 224x224 on two cores: a
     // request queued behind such a batch gives up (300 ms) before the worker gets to it.
-    let s = Server::start(&["--random-init", "t0", "--engine", "reference", "--max-batch-size", "32", "--max-batch-delay-ms", "0", "--request-timeout-ms", "300"]).await;
+    let s = Server::start(&[
+        "--random-init",
+        "t0",
+        "--engine",
+        "reference",
+        "--max-batch-size",
+        "32",
+        "--max-batch-delay-ms",
+        "0",
+        "--request-timeout-ms",
+        "300",
+    ])
+    .await;
     let c = reqwest::Client::new();
     let busy = serde_json::json!({"images": (0..32).map(|i| base64::engine::general_purpose::STANDARD.encode(small_png(i))).collect::<Vec<_>>()});
     let filler = tokio::spawn({
@@ -110,7 +140,9 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
         async move { c.post(url).json(&busy).send().await.unwrap().status().as_u16() }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.metric("fasternet_queue_depth").await > 0.0 || s.metric("fasternet_preprocess_duration_seconds_count").await < 32.0 {
+    while s.metric("fasternet_queue_depth").await > 0.0
+        || s.metric("fasternet_preprocess_duration_seconds_count").await < 32.0
+    {
         assert!(Instant::now() < deadline, "the filler batch never reached the worker");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -120,7 +152,9 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "timeout");
     assert_eq!(filler.await.unwrap(), 504, "the filler batch outlasts the timeout too");
-    while s.metric("fasternet_batch_size_count").await < 1.0 || s.metric("fasternet_cancelled_images_total").await < 1.0 {
+    while s.metric("fasternet_batch_size_count").await < 1.0
+        || s.metric("fasternet_cancelled_images_total").await < 1.0
+    {
         assert!(Instant::now() < deadline, "the worker never finished the filler batch");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -132,7 +166,15 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
 
 #[tokio::test]
 async fn sigterm_completes_in_flight_requests_and_exits_zero() {
-    let s = Server::start(&["--max-batch-delay-ms", "1000", "--max-batch-size", "64", "--shutdown-grace-seconds", "10"]).await;
+    let s = Server::start(&[
+        "--max-batch-delay-ms",
+        "1000",
+        "--max-batch-size",
+        "64",
+        "--shutdown-grace-seconds",
+        "10",
+    ])
+    .await;
     let c = reqwest::Client::new();
     let in_flight = (0..12).map(|i| {
         let (c, url) = (c.clone(), s.url("/classify"));
@@ -141,11 +183,15 @@ async fn sigterm_completes_in_flight_requests_and_exits_zero() {
     let pending = tokio::spawn(join_all(in_flight));
     // Wait until all 12 are queued or answered (the worker holds them for up to a second).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.metric("fasternet_queue_depth").await + s.metric("fasternet_images_processed_total").await < 12.0 {
+    while s.metric("fasternet_queue_depth").await
+        + s.metric("fasternet_images_processed_total").await
+        < 12.0
+    {
         assert!(Instant::now() < deadline, "requests never reached the queue");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let status = std::process::Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
+    let status =
+        std::process::Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
     assert!(status.success());
     let statuses = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
     for st in &statuses {

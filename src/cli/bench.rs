@@ -36,7 +36,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let (h, w) = parse_size(&args.size)?;
     let config = FasterNetConfig::preset(args.variant, args.num_classes);
     let model = FasterNet::with_engine(FasterNetWeights::random(&config, 0)?, args.engine)?;
-    eprintln!("{} random weights, {} engine ({}), {threads} threads, {:.2} GMACs/image", config.architecture(), args.engine, model.kernels(), config.macs(h, w) as f64 / 1e9);
+    eprintln!(
+        "{} random weights, {} engine ({}), {threads} threads, {:.2} GMACs/image",
+        config.architecture(),
+        args.engine,
+        model.kernels(),
+        config.macs(h, w) as f64 / 1e9
+    );
     for &batch in &args.batch {
         if batch == 0 {
             bail!("batch sizes must be positive");

@@ -40,7 +40,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
     let (folders, samples) = list_image_folder(&args.data)?;
     let num_classes = classifier.labels().len();
     if folders.len() > num_classes {
-        bail!("{} has {} class folders but the model has {num_classes} classes", args.data.display(), folders.len());
+        bail!(
+            "{} has {} class folders but the model has {num_classes} classes",
+            args.data.display(),
+            folders.len()
+        );
     }
     let start = Instant::now();
     let mut per_class = vec![Tally::default(); folders.len()];
@@ -90,14 +94,25 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
     }
     let pct = |n: usize, d: usize| 100.0 * n as f64 / d.max(1) as f64;
     println!("model: {} ({})", classifier.name(), classifier.source().display());
-    println!("data: {} ({} images, {} classes, {failed} unreadable)", args.data.display(), total.images, folders.len());
+    println!(
+        "data: {} ({} images, {} classes, {failed} unreadable)",
+        args.data.display(),
+        total.images,
+        folders.len()
+    );
     println!("top-1: {:.2}%", pct(total.top1, total.images));
     println!("top-5: {:.2}%", pct(total.top5, total.images));
     println!("time: {seconds:.1} s ({:.0} img/s)", total.images as f64 / seconds);
     println!();
     println!("{:>5}  {:<24} {:<24} {:>7} {:>7}", "class", "label", "folder", "images", "top-1");
     for (i, (folder, t)) in folders.iter().zip(&per_class).enumerate() {
-        println!("{i:>5}  {:<24} {:<24} {:>7} {:>6.2}%", classifier.labels().get(i), folder, t.images, pct(t.top1, t.images));
+        println!(
+            "{i:>5}  {:<24} {:<24} {:>7} {:>6.2}%",
+            classifier.labels().get(i),
+            folder,
+            t.images,
+            pct(t.top1, t.images)
+        );
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
@@ -122,6 +137,9 @@ fn list_image_folder(root: &Path) -> anyhow::Result<(Vec<String>, Vec<Sample>)> 
             samples.push(Sample { path, class });
         }
     }
-    let names = folders.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    let names = folders
+        .iter()
+        .map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .collect();
     Ok((names, samples))
 }

@@ -23,7 +23,8 @@ pub struct HealthcheckArgs {
 pub fn run(args: HealthcheckArgs) -> anyhow::Result<i32> {
     let url = args.url.unwrap_or_else(|| format!("http://127.0.0.1:{}/readyz", args.port));
     let rest = url.strip_prefix("http://").context("only http:// URLs are supported")?;
-    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (authority, path) =
+        rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let timeout = Duration::from_millis(args.timeout_ms);
     let addr = authority
         .to_socket_addrs()

@@ -17,7 +17,11 @@ use fasternet_serve::model::{Engine, Variant};
 use fasternet_serve::preprocess::DEFAULT_MAX_PIXELS;
 
 #[derive(Parser)]
-#[command(name = "fasternet-serve", version, about = "FasterNet image classification: an HTTP service and its tools")]
+#[command(
+    name = "fasternet-serve",
+    version,
+    about = "FasterNet image classification: an HTTP service and its tools"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +86,9 @@ impl ModelArgs {
 /// command (only flags, or nothing) the server runs.
 pub fn main_with_args(mut args: Vec<OsString>) -> anyhow::Result<i32> {
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
-    if args.len() == 1 || (first.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&first)) {
+    if args.len() == 1
+        || (first.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&first))
+    {
         args.insert(1, "serve".into());
     }
     let cli = Cli::parse_from(args);
@@ -99,9 +105,13 @@ pub fn main_with_args(mut args: Vec<OsString>) -> anyhow::Result<i32> {
 
 /// Logs go to stderr; RUST_LOG filters them (default `info`).
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if json {
         builder.json().init();
     } else {

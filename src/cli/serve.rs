@@ -67,7 +67,12 @@ pub struct ServeArgs {
     body_read_timeout_ms: u64,
     /// API key required as `Authorization: Bearer <key>` on the API routes (repeatable; in
     /// the environment, comma-separated). The probes stay open.
-    #[arg(long = "api-key", env = "FASTERNET_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "FASTERNET_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     api_keys: Vec<String>,
     /// File with API keys, one per line (`#` comments), added to --api-key: list the old and
     /// the new key while rotating.
@@ -104,7 +109,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
         Some(budget) => (budget.as_u64(), "--memory-budget".to_string()),
         None => default_budget(),
     };
-    let api_keys = ApiKeys::load(&args.api_keys, args.api_key_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let api_keys =
+        ApiKeys::load(&args.api_keys, args.api_key_file.as_deref()).map_err(anyhow::Error::msg)?;
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),
         batch: BatchConfig {
@@ -118,7 +124,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
             read_timeout: Duration::from_millis(args.body_read_timeout_ms),
             memory_wait: Duration::from_millis(args.memory_wait_ms),
         },
-        max_images_per_request: args.max_images_per_request.unwrap_or(DEFAULT_MAX_IMAGES_PER_REQUEST.min(args.queue_capacity)),
+        max_images_per_request: args
+            .max_images_per_request
+            .unwrap_or(DEFAULT_MAX_IMAGES_PER_REQUEST.min(args.queue_capacity)),
         default_top_k: args.default_top_k,
         preprocess_threads: args.preprocess_threads.unwrap_or(threads),
         http_threads,

@@ -36,7 +36,12 @@ impl Checkpoint {
                 .iter()
                 .map(|name| path.join(name))
                 .find(|p| p.is_file())
-                .ok_or_else(|| ModelError::checkpoint(path, "directory has no model.safetensors or pytorch_model.bin"))?;
+                .ok_or_else(|| {
+                    ModelError::checkpoint(
+                        path,
+                        "directory has no model.safetensors or pytorch_model.bin",
+                    )
+                })?;
             let config = path.join("config.json");
             let hub = config.is_file().then(|| HubConfig::load(&config)).transpose()?;
             (weights, hub)
@@ -69,9 +74,16 @@ impl Checkpoint {
 fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, ModelError> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let result = match ext.as_str() {
-        "safetensors" => candle_core::safetensors::load(path, &Device::Cpu).map(|m| m.into_iter().collect()),
+        "safetensors" => {
+            candle_core::safetensors::load(path, &Device::Cpu).map(|m| m.into_iter().collect())
+        }
         "pth" | "pt" | "bin" | "ckpt" => read_pth(path),
-        _ => return Err(ModelError::checkpoint(path, "unknown extension (expected .safetensors, .pth, .pt or .bin)")),
+        _ => {
+            return Err(ModelError::checkpoint(
+                path,
+                "unknown extension (expected .safetensors, .pth, .pt or .bin)",
+            ))
+        }
     };
     result.map_err(|e| ModelError::checkpoint(path, e))
 }
@@ -99,7 +111,8 @@ fn read_pth(path: &Path) -> candle_core::Result<Vec<(String, Tensor)>> {
 fn is_zip(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"PK\x03\x04"
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && magic == *b"PK\x03\x04"
 }
 
 /// Strips wrappers' prefixes, drops BatchNorm's step counters and renames official keys.
@@ -160,7 +173,10 @@ mod tests {
             ("patch_embed.proj.weight", "patch_embed.proj.weight"),
             ("stages.0.blocks.0.mlp.0.weight", "stages.0.blocks.0.mlp.0.weight"),
             ("stages.1.reduction.weight", "stages.1.downsample.reduction.weight"),
-            ("stages.2.blocks.1.spatial_mixing.partial_conv3.weight", "stages.1.blocks.1.spatial_mixing.partial_conv3.weight"),
+            (
+                "stages.2.blocks.1.spatial_mixing.partial_conv3.weight",
+                "stages.1.blocks.1.spatial_mixing.partial_conv3.weight",
+            ),
             ("stages.5.norm.running_var", "stages.3.downsample.norm.running_var"),
             ("stages.6.blocks.0.mlp.3.weight", "stages.3.blocks.0.mlp.3.weight"),
             ("avgpool_pre_head.1.weight", "conv_head.weight"),

@@ -57,10 +57,9 @@ impl FromStr for Variant {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let short = s.trim().to_ascii_lowercase();
         let short = short.strip_prefix("fasternet_").unwrap_or(&short);
-        Self::ALL
-            .into_iter()
-            .find(|v| v.name() == short)
-            .ok_or_else(|| format!("unknown FasterNet variant `{s}` (expected one of t0, t1, t2, s, m, l)"))
+        Self::ALL.into_iter().find(|v| v.name() == short).ok_or_else(|| {
+            format!("unknown FasterNet variant `{s}` (expected one of t0, t1, t2, s, m, l)")
+        })
     }
 }
 
@@ -120,9 +119,7 @@ impl FasterNetConfig {
 
     /// The preset this configuration is, if any (the number of classes may differ).
     pub fn variant(&self) -> Option<Variant> {
-        Variant::ALL
-            .into_iter()
-            .find(|&v| Self::preset(v, self.num_classes) == *self)
+        Variant::ALL.into_iter().find(|&v| Self::preset(v, self.num_classes) == *self)
     }
 
     /// `fasternet_t0` for presets, `fasternet_custom` otherwise.
@@ -152,10 +149,16 @@ impl FasterNetConfig {
             return Err("embed_dim, feature_dim and num_classes must be positive".into());
         }
         if self.n_div == 0 || self.embed_dim < self.n_div {
-            return Err(format!("n_div {} must be in 1..=embed_dim {}", self.n_div, self.embed_dim));
+            return Err(format!(
+                "n_div {} must be in 1..=embed_dim {}",
+                self.n_div, self.embed_dim
+            ));
         }
         if self.depths.contains(&0) {
-            return Err(format!("every stage needs at least one block, got depths {:?}", self.depths));
+            return Err(format!(
+                "every stage needs at least one block, got depths {:?}",
+                self.depths
+            ));
         }
         if self.hidden_dim(self.embed_dim) == 0 {
             return Err(format!("mlp_ratio {} gives an empty hidden layer", self.mlp_ratio));

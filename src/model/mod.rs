@@ -59,7 +59,12 @@ fn describe_mismatch(
             out.push_str("; ");
         }
         let more = items.len().saturating_sub(SHOWN);
-        let _ = write!(out, "{} {what}: {}", items.len(), items.into_iter().take(SHOWN).collect::<Vec<_>>().join(", "));
+        let _ = write!(
+            out,
+            "{} {what}: {}",
+            items.len(),
+            items.into_iter().take(SHOWN).collect::<Vec<_>>().join(", ")
+        );
         if more > 0 {
             let _ = write!(out, ", and {more} more");
         }
@@ -68,7 +73,10 @@ fn describe_mismatch(
     list(
         &mut out,
         "with another shape",
-        mismatched.iter().map(|(k, want, got)| format!("{k} (expected {want:?}, checkpoint has {got:?})")).collect(),
+        mismatched
+            .iter()
+            .map(|(k, want, got)| format!("{k} (expected {want:?}, checkpoint has {got:?})"))
+            .collect(),
     );
     list(&mut out, "missing", missing.to_vec());
     list(&mut out, "unexpected", unexpected.to_vec());
@@ -118,7 +126,9 @@ impl std::str::FromStr for Engine {
             "fast" => Ok(Self::Fast),
             "fast-bf16" => Ok(Self::FastBf16),
             "reference" => Ok(Self::Reference),
-            other => Err(format!("unknown engine `{other}` (expected fast, fast-bf16 or reference)")),
+            other => {
+                Err(format!("unknown engine `{other}` (expected fast, fast-bf16 or reference)"))
+            }
         }
     }
 }
@@ -161,7 +171,11 @@ impl FasterNet {
 
     /// Loads a checkpoint with the given engine; `config` overrides what the tensor shapes say,
     /// and must agree with them.
-    pub fn from_checkpoint(checkpoint: Checkpoint, config: Option<FasterNetConfig>, engine: Engine) -> Result<Self, ModelError> {
+    pub fn from_checkpoint(
+        checkpoint: Checkpoint,
+        config: Option<FasterNetConfig>,
+        engine: Engine,
+    ) -> Result<Self, ModelError> {
         let config = match config {
             Some(c) => c,
             None => infer_config(&checkpoint.tensors, checkpoint.hub_config.as_ref())?,
@@ -198,7 +212,9 @@ impl FasterNet {
         // (ping-pong buffers) and more for the threads' own images, candle's ops several, with
         // the MLP's hidden layer twice as wide. Measured use is 0.25-0.85 of this for t0..t2
         // at batch 1 to 64.
-        let first_stage = (height / 4 * (width / 4) * self.config().embed_dim * std::mem::size_of::<f32>()) as u64;
+        let first_stage =
+            (height / 4 * (width / 4) * self.config().embed_dim * std::mem::size_of::<f32>())
+                as u64;
         let input = (3 * height * width * std::mem::size_of::<f32>()) as u64;
         let per_image = match self.engine {
             Engine::Reference => 10 * first_stage + 2 * input,
@@ -213,7 +229,8 @@ impl FasterNet {
         self.check_input(x)?;
         let x = x.to_dtype(candle_core::DType::F32)?;
         match &self.fast {
-            Some(engine) => engine.forward_each(&(0..x.dim(0)?).map(|i| x.get(i)).collect::<Result<Vec<_>, _>>()?),
+            Some(engine) => engine
+                .forward_each(&(0..x.dim(0)?).map(|i| x.get(i)).collect::<Result<Vec<_>, _>>()?),
             None => Ok(reference::forward(&self.weights, &x)?),
         }
     }
@@ -229,7 +246,10 @@ impl FasterNet {
         }
         // The same checks as `forward`, on a one-image view.
         self.check_input(&first.unsqueeze(0)?)?;
-        let images = images.iter().map(|x| x.to_dtype(candle_core::DType::F32)).collect::<Result<Vec<_>, _>>()?;
+        let images = images
+            .iter()
+            .map(|x| x.to_dtype(candle_core::DType::F32))
+            .collect::<Result<Vec<_>, _>>()?;
         engine.forward_each(&images)
     }
 }
@@ -237,12 +257,14 @@ impl FasterNet {
 /// Reads the architecture off the tensor shapes. The activation is not visible in shapes: it
 /// comes from config.json's architecture or model_args, else from the preset with the same
 /// shapes, else ReLU (timm's default).
-pub fn infer_config(tensors: &HashMap<String, Tensor>, hub: Option<&HubConfig>) -> Result<FasterNetConfig, ModelError> {
+pub fn infer_config(
+    tensors: &HashMap<String, Tensor>,
+    hub: Option<&HubConfig>,
+) -> Result<FasterNetConfig, ModelError> {
     let dim = |key: &str, i: usize| -> Result<usize, ModelError> {
-        tensors
-            .get(key)
-            .and_then(|t| t.dims().get(i).copied())
-            .ok_or_else(|| ModelError::Config(format!("not a FasterNet checkpoint: no tensor `{key}`")))
+        tensors.get(key).and_then(|t| t.dims().get(i).copied()).ok_or_else(|| {
+            ModelError::Config(format!("not a FasterNet checkpoint: no tensor `{key}`"))
+        })
     };
     let embed_dim = dim("patch_embed.proj.weight", 0)?;
     let mut depths = [0usize; 4];
@@ -260,7 +282,9 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, hub: Option<&HubConfig>) 
     let n_div = std::iter::once(FasterNetConfig::N_DIV)
         .chain(1..=embed_dim)
         .find(|&n| partials.iter().enumerate().all(|(i, &p)| (embed_dim << i) / n == p))
-        .ok_or_else(|| ModelError::Config(format!("partial convolution widths {partials:?} fit no n_div")))?;
+        .ok_or_else(|| {
+            ModelError::Config(format!("partial convolution widths {partials:?} fit no n_div"))
+        })?;
     let mut config = FasterNetConfig {
         embed_dim,
         depths,
@@ -270,13 +294,18 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, hub: Option<&HubConfig>) 
         num_classes: dim("classifier.weight", 0)?,
         act: Activation::Relu,
     };
-    let named_variant = hub.and_then(|h| h.architecture.as_deref()).and_then(|a| a.parse::<Variant>().ok());
-    let named_act = hub.and_then(|h| h.model_args.act_layer.as_deref()).and_then(|a| a.parse::<Activation>().ok());
+    let named_variant =
+        hub.and_then(|h| h.architecture.as_deref()).and_then(|a| a.parse::<Variant>().ok());
+    let named_act = hub
+        .and_then(|h| h.model_args.act_layer.as_deref())
+        .and_then(|a| a.parse::<Activation>().ok());
     let shape_twin = Variant::ALL.into_iter().find(|&v| {
         let p = FasterNetConfig::preset(v, config.num_classes);
         FasterNetConfig { act: p.act, ..config.clone() } == p
     });
-    if let Some(act) = named_act.or(named_variant.or(shape_twin).map(|v| FasterNetConfig::preset(v, 1).act)) {
+    if let Some(act) =
+        named_act.or(named_variant.or(shape_twin).map(|v| FasterNetConfig::preset(v, 1).act))
+    {
         config.act = act;
     }
     Ok(config)

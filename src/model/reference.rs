@@ -21,9 +21,7 @@ pub fn forward(w: &FasterNetWeights, x: &Tensor) -> Result<ModelOutput> {
     let pooled = x.mean(D::Minus1)?.mean(D::Minus1)?; // (B, C)
     let head = w.conv_head.squeeze(3)?.squeeze(2)?; // (F, C)
     let features = activate(&pooled.matmul(&head.t()?)?, act)?;
-    let logits = features
-        .matmul(&w.classifier_weight.t()?)?
-        .broadcast_add(&w.classifier_bias)?;
+    let logits = features.matmul(&w.classifier_weight.t()?)?.broadcast_add(&w.classifier_bias)?;
     Ok(ModelOutput { logits, features })
 }
 
@@ -34,15 +32,15 @@ fn block(x: &Tensor, b: &BlockWeights, act: Activation) -> Result<Tensor> {
     let cp = b.partial_conv.dim(0)?;
     let mixed = x.narrow(1, 0, cp)?.conv2d(&b.partial_conv, 1, 1, 1, 1)?;
     let untouched = x.narrow(1, cp, dim - cp)?;
-    let hidden = (mixed.conv2d(&b.fc1_mixed, 0, 1, 1, 1)? + untouched.conv2d(&b.fc1_untouched, 0, 1, 1, 1)?)?
-        .broadcast_add(&b.fc1_bias.reshape((1, (), 1, 1))?)?;
+    let hidden = (mixed.conv2d(&b.fc1_mixed, 0, 1, 1, 1)?
+        + untouched.conv2d(&b.fc1_untouched, 0, 1, 1, 1)?)?
+    .broadcast_add(&b.fc1_bias.reshape((1, (), 1, 1))?)?;
     let hidden = activate(&hidden, act)?;
     x + hidden.conv2d(&b.fc2, 0, 1, 1, 1)?
 }
 
 fn conv_bias(x: &Tensor, conv: &FoldedConv, stride: usize) -> Result<Tensor> {
-    x.conv2d(&conv.weight, 0, stride, 1, 1)?
-        .broadcast_add(&conv.bias.reshape((1, (), 1, 1))?)
+    x.conv2d(&conv.weight, 0, stride, 1, 1)?.broadcast_add(&conv.bias.reshape((1, (), 1, 1))?)
 }
 
 fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {

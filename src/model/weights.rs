@@ -113,7 +113,12 @@ pub fn check_shapes(
     if missing.is_empty() && mismatched.is_empty() && unexpected.is_empty() {
         Ok(())
     } else {
-        Err(ModelError::Mismatch { architecture: config.architecture(), missing, unexpected, mismatched })
+        Err(ModelError::Mismatch {
+            architecture: config.architecture(),
+            missing,
+            unexpected,
+            mismatched,
+        })
     }
 }
 
@@ -139,11 +144,19 @@ impl FasterNetWeights {
             .map(|(key, shape)| {
                 let n: usize = shape.iter().product();
                 let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-                let positive = key.ends_with("running_var") || key.ends_with("norm.weight") || key.ends_with("mlp.1.weight");
+                let positive = key.ends_with("running_var")
+                    || key.ends_with("norm.weight")
+                    || key.ends_with("mlp.1.weight");
                 let std = if shape.len() == 1 { 0.1 } else { (1.0 / fan_in as f32).sqrt() };
                 let normal = Normal::new(0f32, std).expect("std is positive");
                 let data: Vec<f32> = (0..n)
-                    .map(|_| if positive { rng.random_range(0.5f32..1.5) } else { normal.sample(&mut rng) })
+                    .map(|_| {
+                        if positive {
+                            rng.random_range(0.5f32..1.5)
+                        } else {
+                            normal.sample(&mut rng)
+                        }
+                    })
                     .collect();
                 Ok((key, Tensor::from_vec(data, shape, &Device::Cpu)?))
             })
@@ -154,10 +167,8 @@ impl FasterNetWeights {
 
     fn build(config: &FasterNetConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let e = config.embed_dim;
-        let stem = fold_bn(
-            vb.get((e, 3, 4, 4), "patch_embed.proj.weight")?,
-            vb.pp("patch_embed.norm"),
-        )?;
+        let stem =
+            fold_bn(vb.get((e, 3, 4, 4), "patch_embed.proj.weight")?, vb.pp("patch_embed.norm"))?;
         let mut stages = Vec::with_capacity(4);
         for (i, &depth) in config.depths.iter().enumerate() {
             let vb = vb.pp(format!("stages.{i}"));
@@ -185,7 +196,11 @@ impl FasterNetWeights {
     }
 }
 
-fn block(config: &FasterNetConfig, dim: usize, vb: VarBuilder) -> candle_core::Result<BlockWeights> {
+fn block(
+    config: &FasterNetConfig,
+    dim: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<BlockWeights> {
     let (cp, hidden) = (config.partial_dim(dim), config.hidden_dim(dim));
     let partial_conv = vb.get((cp, cp, 3, 3), "spatial_mixing.partial_conv3.weight")?;
     let fc1 = fold_bn(vb.get((hidden, dim, 1, 1), "mlp.0.weight")?, vb.pp("mlp.1"))?;
@@ -204,12 +219,11 @@ fn block(config: &FasterNetConfig, dim: usize, vb: VarBuilder) -> candle_core::R
 fn fold_bn(weight: Tensor, vb: VarBuilder) -> candle_core::Result<FoldedConv> {
     let c = weight.dim(0)?;
     let get = |name: &str| vb.get(c, name).and_then(|t| t.to_dtype(DType::F64));
-    let (gamma, beta, mean, var) = (get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?);
+    let (gamma, beta, mean, var) =
+        (get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?);
     let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
     let bias = (beta - (mean * &scale)?)?;
-    let weight = weight
-        .to_dtype(DType::F64)?
-        .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+    let weight = weight.to_dtype(DType::F64)?.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
     Ok(FoldedConv {
         weight: weight.to_dtype(DType::F32)?.contiguous()?,
         bias: bias.to_dtype(DType::F32)?,

@@ -9,8 +9,8 @@
 
 use std::io::Cursor;
 
-use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 use image::metadata::Orientation;
+use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 /// Largest image accepted by default: 50 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
@@ -44,7 +44,9 @@ fn decoder_cost(format: ImageFormat) -> DecoderCost {
         // scans (2 bytes per sample) and component planes before colour conversion.
         ImageFormat::Jpeg => DecoderCost { per_output_byte: 4, per_input_byte: 2, constant: MIB },
         // Rows and the inflate window; metadata is capped separately.
-        ImageFormat::Png => DecoderCost { per_output_byte: 1, per_input_byte: 0, constant: HEADER_READ_BYTES + MIB },
+        ImageFormat::Png => {
+            DecoderCost { per_output_byte: 1, per_input_byte: 0, constant: HEADER_READ_BYTES + MIB }
+        }
         // Lossless WebP decodes into 32-bit ARGB before the output; lossy into YUV planes.
         ImageFormat::WebP => DecoderCost { per_output_byte: 3, per_input_byte: 1, constant: MIB },
         // The canvas and the frame's indices.
@@ -63,7 +65,9 @@ pub enum ImageError {
     Unsupported,
     #[error("image declares {width}x{height} = {} pixels, over the limit of {limit}", *.width as u64 * *.height as u64)]
     TooLarge { width: u32, height: u32, limit: u64 },
-    #[error("image is {width}x{height}: its longer side is more than {limit} times its shorter side")]
+    #[error(
+        "image is {width}x{height}: its longer side is more than {limit} times its shorter side"
+    )]
     ExtremeAspectRatio { width: u32, height: u32, limit: u32 },
     #[error("image exceeds the decoder's limits ({0}); metadata such as ICC profiles and text may hold at most {METADATA_LIMIT} bytes")]
     OverLimits(String),
@@ -74,7 +78,10 @@ pub enum ImageError {
 impl ImageError {
     /// Whether the image was refused for its size rather than for its content.
     pub fn is_too_large(&self) -> bool {
-        matches!(self, Self::TooLarge { .. } | Self::ExtremeAspectRatio { .. } | Self::OverLimits(_))
+        matches!(
+            self,
+            Self::TooLarge { .. } | Self::ExtremeAspectRatio { .. } | Self::OverLimits(_)
+        )
     }
 }
 
@@ -112,7 +119,14 @@ impl Header {
             check_jpeg_complete(bytes)?;
         }
         let orientation = decoder.orientation().map_err(map_error)?;
-        Ok(Self { format, width, height, color: decoder.color_type(), orientation, encoded_bytes: bytes.len() })
+        Ok(Self {
+            format,
+            width,
+            height,
+            color: decoder.color_type(),
+            orientation,
+            encoded_bytes: bytes.len(),
+        })
     }
 
     /// Pixels as stored.
@@ -140,9 +154,12 @@ impl Header {
         let cost = decoder_cost(self.format);
         let output = self.output_bytes();
         let rgb = self.pixels() * 3;
-        let decoding = output * (1 + cost.per_output_byte) + self.encoded_bytes as u64 * cost.per_input_byte + cost.constant;
+        let decoding = output * (1 + cost.per_output_byte)
+            + self.encoded_bytes as u64 * cost.per_input_byte
+            + cost.constant;
         let converting = if self.color == ColorType::Rgb8 { 0 } else { output + rgb };
-        let orienting = if self.oriented_dimensions() == (self.width, self.height) { 0 } else { 2 * rgb };
+        let orienting =
+            if self.oriented_dimensions() == (self.width, self.height) { 0 } else { 2 * rgb };
         decoding.max(converting).max(orienting)
     }
 
@@ -150,7 +167,8 @@ impl Header {
     pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
         // PNG's decoder applies the limit to its metadata alone (the output buffer is
         // allocated outside it), and reads text chunks that follow the pixel data too.
-        let alloc = if self.format == ImageFormat::Png { METADATA_LIMIT } else { self.decoder_bytes() };
+        let alloc =
+            if self.format == ImageFormat::Png { METADATA_LIMIT } else { self.decoder_bytes() };
         let mut limits = Limits::default();
         limits.max_image_width = Some(self.width);
         limits.max_image_height = Some(self.height);
@@ -181,7 +199,9 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
 }
 
 fn reader(bytes: &[u8], max_alloc: u64) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
-    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let mut limits = Limits::default();
     limits.max_alloc = Some(max_alloc);
     reader.limits(limits);
@@ -194,7 +214,9 @@ fn reader(bytes: &[u8], max_alloc: u64) -> Result<ImageReader<Cursor<&[u8]>>, Im
 /// byte other than 0x00 (a stuffed 0xFF) or a restart marker's. Stray bytes between segments
 /// are skipped, as libjpeg does.
 fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
-    let truncated = || ImageError::Corrupt("JPEG data ends before its end-of-image marker (truncated file)".into());
+    let truncated = || {
+        ImageError::Corrupt("JPEG data ends before its end-of-image marker (truncated file)".into())
+    };
     let mut at = 2; // after SOI
     loop {
         at += memchr::memchr(0xFF, bytes.get(at..).unwrap_or_default()).ok_or_else(truncated)?;
@@ -208,7 +230,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
             0x00 | 0x01 | 0xD0..=0xD7 => continue, // no length field
             _ => {}
         }
-        let len = bytes.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize).ok_or_else(truncated)?;
+        let len = bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+            .ok_or_else(truncated)?;
         at += len;
         if at > bytes.len() {
             return Err(truncated());

@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
-pub use decode::{decode, Header, ImageError, DEFAULT_MAX_PIXELS, HEADER_READ_BYTES, METADATA_LIMIT};
+pub use decode::{
+    decode, Header, ImageError, DEFAULT_MAX_PIXELS, HEADER_READ_BYTES, METADATA_LIMIT,
+};
 
 use crate::model::HubConfig;
 
@@ -31,7 +33,9 @@ impl FromStr for Interpolation {
         match s.trim().to_ascii_lowercase().as_str() {
             "bicubic" => Ok(Self::Bicubic),
             "bilinear" => Ok(Self::Bilinear),
-            other => Err(format!("unsupported interpolation `{other}` (expected bicubic or bilinear)")),
+            other => {
+                Err(format!("unsupported interpolation `{other}` (expected bicubic or bilinear)"))
+            }
         }
     }
 }
@@ -67,12 +71,17 @@ impl PreprocessConfig {
         if let Some(size) = &cfg.input_size {
             match size.as_slice() {
                 [3, h, w] | [h, w] => out.input_size = (*h, *w),
-                other => return Err(format!("pretrained_cfg.input_size {other:?} is not [3, H, W]")),
+                other => {
+                    return Err(format!("pretrained_cfg.input_size {other:?} is not [3, H, W]"))
+                }
             }
         }
         let three = |v: &Option<Vec<f32>>, name: &str| -> Result<Option<[f32; 3]>, String> {
             v.as_ref()
-                .map(|v| <[f32; 3]>::try_from(v.as_slice()).map_err(|_| format!("pretrained_cfg.{name} needs 3 values")))
+                .map(|v| {
+                    <[f32; 3]>::try_from(v.as_slice())
+                        .map_err(|_| format!("pretrained_cfg.{name} needs 3 values"))
+                })
                 .transpose()
         };
         out.mean = three(&cfg.mean, "mean")?.unwrap_or(out.mean);
@@ -86,7 +95,10 @@ impl PreprocessConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let (min, max) = (crate::model::FasterNetConfig::MIN_INPUT_SIDE, crate::model::FasterNetConfig::MAX_INPUT_SIDE);
+        let (min, max) = (
+            crate::model::FasterNetConfig::MIN_INPUT_SIDE,
+            crate::model::FasterNetConfig::MAX_INPUT_SIDE,
+        );
         let (h, w) = self.input_size;
         if h < min || w < min || h > max || w > max {
             return Err(format!("input size {h}x{w} is outside {min}x{min} to {max}x{max}"));
@@ -164,7 +176,10 @@ impl Preprocessor {
         // the vertical pass are alive together; then the crop and the tensor.
         let resizing = rgb((width, height)) + rgb((resized.0, height)) + rgb(resized);
         let tensor_bytes = (3 * h * w * std::mem::size_of::<f32>()) as u64;
-        let peak_bytes = header.decoder_bytes().max(resizing) + rgb((w as u32, h as u32)) + tensor_bytes + RESIZER_WORKSPACE;
+        let peak_bytes = header.decoder_bytes().max(resizing)
+            + rgb((w as u32, h as u32))
+            + tensor_bytes
+            + RESIZER_WORKSPACE;
         Ok(Plan { header, resized, peak_bytes, tensor_bytes })
     }
 
@@ -176,7 +191,8 @@ impl Preprocessor {
         const SMALL_UPLOAD_BYTES: usize = 64 * 1024;
         const SMALL_IMAGE_PIXELS: u64 = 16 * 1024;
         let (rw, rh) = plan.resized;
-        plan.header.encoded_bytes <= SMALL_UPLOAD_BYTES && plan.header.pixels().saturating_add(rw as u64 * rh as u64) <= SMALL_IMAGE_PIXELS
+        plan.header.encoded_bytes <= SMALL_UPLOAD_BYTES
+            && plan.header.pixels().saturating_add(rw as u64 * rh as u64) <= SMALL_IMAGE_PIXELS
     }
 
     /// Decodes and transforms the image `plan` was made for.

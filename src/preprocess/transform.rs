@@ -1,7 +1,10 @@
 //! timm's eval transform, pixel for pixel: resize (antialiased, PIL-style filters), center
 //! crop, then ToTensor + Normalize.
 
-use fast_image_resize::{images::{Image, ImageRef}, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{
+    images::{Image, ImageRef},
+    FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+};
 use image::RgbImage;
 
 use super::{Interpolation, PreprocessConfig};
@@ -41,7 +44,8 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpol
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let mut resizer = Resizer::new();
     let mut pass = |src: &[u8], (sw, sh): (u32, u32), (w, h): (u32, u32)| -> Vec<u8> {
-        let src = ImageRef::new(sw, sh, src, PixelType::U8x3).expect("an RGB buffer has exactly width*height*3 bytes");
+        let src = ImageRef::new(sw, sh, src, PixelType::U8x3)
+            .expect("an RGB buffer has exactly width*height*3 bytes");
         let mut dst = Image::new(w, h, PixelType::U8x3);
         resizer.resize(&src, &mut dst, &options).expect("source and destination are both U8x3");
         dst.into_vec()

@@ -23,14 +23,23 @@ impl ApiKeys {
     pub fn load(inline: &[String], file: Option<&Path>) -> Result<Option<Self>, String> {
         let mut keys: Vec<String> = inline.iter().map(|k| k.trim().to_string()).collect();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the API key file {}: {e}", path.display()))?;
-            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the API key file {}: {e}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string),
+            );
         }
         if keys.iter().any(|k| k.is_empty()) {
             return Err("an API key is empty".into());
         }
         if let Some(bad) = keys.iter().position(|k| !k.bytes().all(|b| b.is_ascii_graphic())) {
-            return Err(format!("API key {} has characters outside printable ASCII (no spaces)", bad + 1));
+            return Err(format!(
+                "API key {} has characters outside printable ASCII (no spaces)",
+                bad + 1
+            ));
         }
         Ok((!keys.is_empty()).then(|| Self(keys.into_iter().map(String::into_bytes).collect())))
     }
@@ -47,7 +56,10 @@ impl ApiKeys {
     /// compared, so the time does not tell which one matched.
     pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
         let Some(token) = authorization.and_then(bearer_token) else { return false };
-        self.0.iter().fold(subtle::Choice::from(0), |found, key| found | key.as_slice().ct_eq(token)).into()
+        self.0
+            .iter()
+            .fold(subtle::Choice::from(0), |found, key| found | key.as_slice().ct_eq(token))
+            .into()
     }
 }
 
@@ -72,7 +84,14 @@ mod tests {
         for good in ["Bearer inline-key", "bearer new-key-2", "BEARER old-key-1 "] {
             assert!(keys.accepts(Some(good.as_bytes())), "{good}");
         }
-        for bad in ["Bearer inline-ke", "Bearer inline-key2", "Basic aW5saW5lLWtleQ==", "inline-key", "Bearer ", ""] {
+        for bad in [
+            "Bearer inline-ke",
+            "Bearer inline-key2",
+            "Basic aW5saW5lLWtleQ==",
+            "inline-key",
+            "Bearer ",
+            "",
+        ] {
             assert!(!keys.accepts(Some(bad.as_bytes())), "{bad}");
         }
         assert!(!keys.accepts(None));

@@ -31,7 +31,10 @@ impl Backend for Classifier {
     fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
         let run = || -> Result<BatchOutput, crate::model::ModelError> {
             let out = self.forward(images)?;
-            Ok(BatchOutput { probabilities: out.probabilities()?.to_vec2()?, features: out.features.to_vec2()? })
+            Ok(BatchOutput {
+                probabilities: out.probabilities()?.to_vec2()?,
+                features: out.features.to_vec2()?,
+            })
         };
         run().map_err(|e| e.to_string())
     }
@@ -83,7 +86,11 @@ pub type QueueSlots<'a> = mpsc::PermitIterator<'a, Job>;
 
 impl Batcher {
     /// Starts the worker thread (warm the model up first: [`warm_up`]).
-    pub fn start(backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>) -> std::io::Result<(Self, JoinHandle<()>)> {
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let waiting = Arc::new(AtomicUsize::new(0));
         let worker_waiting = waiting.clone();
@@ -123,21 +130,37 @@ impl Batcher {
 /// model cannot serve batches of that size.
 pub fn warm_up(backend: &dyn Backend, max_batch_size: usize) -> Result<(), String> {
     let (c, h, w) = backend.input_shape();
-    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2)).take_while(|&b| b < max_batch_size).collect();
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+        .take_while(|&b| b < max_batch_size)
+        .collect();
     sizes.push(max_batch_size);
-    let image = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+    let image = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu)
+        .map_err(|e| e.to_string())?;
     for batch in sizes {
         let start = Instant::now();
         match catch_unwind(AssertUnwindSafe(|| backend.infer(&vec![image.clone(); batch]))) {
-            Ok(Ok(_)) => tracing::info!(batch, ms = start.elapsed().as_millis() as u64, "warm-up pass"),
+            Ok(Ok(_)) => {
+                tracing::info!(batch, ms = start.elapsed().as_millis() as u64, "warm-up pass")
+            }
             Ok(Err(e)) => return Err(format!("warm-up pass at batch {batch} failed: {e}")),
-            Err(panic) => return Err(format!("warm-up pass at batch {batch} panicked: {}", panic_message(&panic))),
+            Err(panic) => {
+                return Err(format!(
+                    "warm-up pass at batch {batch} panicked: {}",
+                    panic_message(&panic)
+                ))
+            }
         }
     }
     Ok(())
 }
 
-async fn run_worker(mut rx: mpsc::Receiver<Job>, backend: Arc<dyn Backend>, config: BatchConfig, metrics: Arc<Metrics>, waiting: Arc<AtomicUsize>) {
+async fn run_worker(
+    mut rx: mpsc::Receiver<Job>,
+    backend: Arc<dyn Backend>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+    waiting: Arc<AtomicUsize>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_batch_delay;
@@ -170,10 +193,13 @@ fn run_batch(backend: &dyn Backend, batch: Vec<Job>, metrics: &Metrics) {
     metrics.inference_duration.observe(inference.as_secs_f64());
     match result {
         Ok(out) if out.probabilities.len() == batch.len() && out.features.len() == batch.len() => {
-            for ((job, probabilities), features) in batch.into_iter().zip(out.probabilities).zip(out.features) {
+            for ((job, probabilities), features) in
+                batch.into_iter().zip(out.probabilities).zip(out.features)
+            {
                 let queue_wait = started.saturating_duration_since(job.enqueued);
                 metrics.queue_wait.observe(queue_wait.as_secs_f64());
-                let _ = job.reply.send(Ok(Answer { probabilities, features, queue_wait, inference }));
+                let _ =
+                    job.reply.send(Ok(Answer { probabilities, features, queue_wait, inference }));
             }
         }
         other => {
@@ -211,11 +237,17 @@ mod tests {
     impl Backend for Fake {
         fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let firsts: Vec<f32> = images.iter().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]).collect();
+            let firsts: Vec<f32> = images
+                .iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
+                .collect();
             if firsts.contains(&13.0) {
                 panic!("unlucky batch");
             }
-            Ok(BatchOutput { probabilities: firsts.iter().map(|&v| vec![v]).collect(), features: firsts.iter().map(|&v| vec![v, v]).collect() })
+            Ok(BatchOutput {
+                probabilities: firsts.iter().map(|&v| vec![v]).collect(),
+                features: firsts.iter().map(|&v| vec![v, v]).collect(),
+            })
         }
         fn input_shape(&self) -> (usize, usize, usize) {
             (1, 1, 1)
@@ -224,8 +256,14 @@ mod tests {
 
     fn start(max_batch_size: usize, delay_ms: u64) -> (Batcher, JoinHandle<()>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new(max_batch_size));
-        let config = BatchConfig { max_batch_size, max_batch_delay: Duration::from_millis(delay_ms), queue_capacity: 64 };
-        let (b, h) = Batcher::start(Arc::new(Fake { calls: AtomicUsize::new(0) }), config, metrics.clone()).unwrap();
+        let config = BatchConfig {
+            max_batch_size,
+            max_batch_delay: Duration::from_millis(delay_ms),
+            queue_capacity: 64,
+        };
+        let (b, h) =
+            Batcher::start(Arc::new(Fake { calls: AtomicUsize::new(0) }), config, metrics.clone())
+                .unwrap();
         (b, h, metrics)
     }
 
@@ -237,7 +275,15 @@ mod tests {
             .map(|(&v, permit)| {
                 let (tx, rx) = oneshot::channel();
                 let memory = Reservation::default();
-                b.send(permit, Job { image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(), memory, enqueued: Instant::now(), reply: tx });
+                b.send(
+                    permit,
+                    Job {
+                        image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(),
+                        memory,
+                        enqueued: Instant::now(),
+                        reply: tx,
+                    },
+                );
                 rx
             })
             .collect()
@@ -268,7 +314,10 @@ mod tests {
             assert!(rx.await.unwrap().unwrap_err().contains("unlucky batch"));
         }
         let good = submit(&b, &[2.0]);
-        assert_eq!(good.into_iter().next().unwrap().await.unwrap().unwrap().probabilities, vec![2.0]);
+        assert_eq!(
+            good.into_iter().next().unwrap().await.unwrap().unwrap().probabilities,
+            vec![2.0]
+        );
         assert_eq!(metrics.worker_failures.get(), 1);
         drop(b);
         worker.join().unwrap();

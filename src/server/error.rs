@@ -63,13 +63,17 @@ pub struct ErrorDetail {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::QueueFull { .. } | Self::ServerBusy | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::QueueFull { .. } | Self::ServerBusy | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ClientDisconnected => client_closed_request(),
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Http { status, .. } => *status,
-            Self::BodyTooLarge(_) | Self::TooManyImages { .. } | Self::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge(_) | Self::TooManyImages { .. } | Self::ImageTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::InvalidImage { .. } | Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -109,7 +113,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -119,7 +124,9 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response.extensions_mut().insert(RejectReason(self.code()));
         response

@@ -91,8 +91,18 @@ pub struct Images {
 }
 
 /// Reads the body into images, under `limits`, by `deadline`.
-pub async fn read_images(headers: &HeaderMap, body: Body, limits: &BodyLimits, max_images: usize, pool: &MemoryPool, deadline: Instant) -> Result<Images, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/octet-stream");
+pub async fn read_images(
+    headers: &HeaderMap,
+    body: Body,
+    limits: &BodyLimits,
+    max_images: usize,
+    pool: &MemoryPool,
+    deadline: Instant,
+) -> Result<Images, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
     let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let kind = if mime.starts_with("image/") || mime == "application/octet-stream" {
         BodyKind::Raw
@@ -105,7 +115,12 @@ pub async fn read_images(headers: &HeaderMap, body: Body, limits: &BodyLimits, m
     };
     let declared = match headers.get(header::CONTENT_LENGTH) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| ApiError::InvalidRequest("Content-Length is not a number".into()))?),
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::InvalidRequest("Content-Length is not a number".into()))?,
+        ),
     };
     if declared.is_some_and(|n| n > limits.max_bytes as u64) {
         return Err(ApiError::BodyTooLarge(limits.max_bytes));
@@ -133,7 +148,12 @@ pub async fn read_images(headers: &HeaderMap, body: Body, limits: &BodyLimits, m
 /// Collects the body into one buffer of `capacity` bytes (grown only past a declared length,
 /// which hyper does not allow), failing at `limits.max_bytes`, after `limits.read_timeout`
 /// without data, or at `deadline`.
-async fn read_body(mut body: Body, capacity: usize, limits: &BodyLimits, deadline: Instant) -> Result<Bytes, ApiError> {
+async fn read_body(
+    mut body: Body,
+    capacity: usize,
+    limits: &BodyLimits,
+    deadline: Instant,
+) -> Result<Bytes, ApiError> {
     let mut buffer = BytesMut::with_capacity(capacity);
     loop {
         let pause = Instant::now() + limits.read_timeout;
@@ -158,8 +178,15 @@ fn body_error(e: axum::Error) -> ApiError {
     use std::io::ErrorKind::*;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(error) = cause {
-        let left = error.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
-            || error.downcast_ref::<std::io::Error>().is_some_and(|io| matches!(io.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe));
+        let left = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+            || error.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                )
+            });
         if left {
             return ApiError::ClientDisconnected;
         }
@@ -168,7 +195,11 @@ fn body_error(e: axum::Error) -> ApiError {
     ApiError::InvalidRequest(format!("could not read the request body: {e}"))
 }
 
-async fn read_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<EncodedImage>, ApiError> {
+async fn read_multipart(
+    content_type: &str,
+    body: Bytes,
+    max_images: usize,
+) -> Result<Vec<EncodedImage>, ApiError> {
     let bad = |e: multer::Error| ApiError::InvalidRequest(format!("malformed multipart body: {e}"));
     let boundary = multer::parse_boundary(content_type).map_err(bad)?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
@@ -192,8 +223,11 @@ async fn read_multipart(content_type: &str, body: Bytes, max_images: usize) -> R
 }
 
 fn read_json(body: &[u8], max_images: usize) -> Result<Vec<EncodedImage>, ApiError> {
-    let parsed: ImagesJson = serde_json::from_slice(body)
-        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body (expected {{\"images\": [\"<base64>\", ...]}}): {e}")))?;
+    let parsed: ImagesJson = serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "malformed JSON body (expected {{\"images\": [\"<base64>\", ...]}}): {e}"
+        ))
+    })?;
     if parsed.images.len() > max_images {
         return Err(ApiError::TooManyImages { count: parsed.images.len(), limit: max_images });
     }
@@ -214,7 +248,9 @@ fn read_json(body: &[u8], max_images: usize) -> Result<Vec<EncodedImage>, ApiErr
             base64::engine::general_purpose::STANDARD
                 .decode(data.as_bytes())
                 .map(|b| EncodedImage { filename: None, bytes: Bytes::from(b) })
-                .map_err(|e| ApiError::InvalidRequest(format!("images[{index}] is not valid base64: {e}")))
+                .map_err(|e| {
+                    ApiError::InvalidRequest(format!("images[{index}] is not valid base64: {e}"))
+                })
         })
         .collect()
 }
@@ -231,8 +267,11 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// answer. Bodies behind `Expect: 100-continue` are never drained: the client waits for a go
 /// it does not get. Bodies declared over [`DRAIN_BYTES`] are not either: the connection closes.
 pub fn drain_if_unread(headers: &HeaderMap, body: Body) -> Body {
-    let expects_continue = headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if expects_continue || declared.is_some_and(|n| n > DRAIN_BYTES) {
         return body;
     }
@@ -248,7 +287,10 @@ impl http_body::Body for DrainOnDrop {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         let Some(body) = self.body.as_mut() else { return std::task::Poll::Ready(None) };
         let frame = std::pin::Pin::new(body).poll_frame(cx);
         if matches!(frame, std::task::Poll::Ready(None | Some(Err(_)))) {
@@ -269,7 +311,10 @@ impl http_body::Body for DrainOnDrop {
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         let Some(mut body) = self.body.take() else { return };
-        if self.finished || http_body::Body::is_end_stream(&body) || tokio::runtime::Handle::try_current().is_err() {
+        if self.finished
+            || http_body::Body::is_end_stream(&body)
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return;
         }
         tokio::spawn(async move {

@@ -151,7 +151,14 @@ pub async fn run(
         };
         while connections.try_join_next().is_some() {}
         let Some((stream, slot)) = accepted else { continue };
-        let connection = Connection { router: router.clone(), config, in_flight: in_flight.clone(), metrics: metrics.clone(), close: close_rx.clone(), _slot: slot };
+        let connection = Connection {
+            router: router.clone(),
+            config,
+            in_flight: in_flight.clone(),
+            metrics: metrics.clone(),
+            close: close_rx.clone(),
+            _slot: slot,
+        };
         connections.spawn(connection.serve(stream));
     }
     drop(listener);
@@ -167,7 +174,10 @@ pub async fn run(
 
 /// Waits for a free connection slot, then for a connection. Errors (e.g. out of file
 /// descriptors) are logged and paused on rather than ending the server.
-async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> Option<(TcpStream, OwnedSemaphorePermit)> {
     let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
     match listener.accept().await {
         Ok((stream, _)) => {
@@ -278,16 +288,18 @@ impl Drop for Watched {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = stream.shutdown().await;
             let mut sink = [0u8; 16 * 1024];
-            let drain = async {
-                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            };
+            let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
             let _ = tokio::time::timeout(LINGER, drain).await;
         });
     }
 }
 
 impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = self.stream().poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -298,11 +310,19 @@ impl AsyncRead for Watched {
 }
 
 impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.stream().poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         self.stream().poll_write_vectored(cx, bufs)
     }
 

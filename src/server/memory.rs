@@ -132,7 +132,9 @@ impl ProcessMemory {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         let field = |name: &str| -> Option<u64> {
             let line = status.lines().find(|l| l.starts_with(name))?;
-            Some(line[name.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+            Some(
+                line[name.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024,
+            )
         };
         Some(Self { resident: field("VmRSS:")?, peak: field("VmHWM:")? })
     }
@@ -153,7 +155,9 @@ pub fn default_budget() -> (u64, String) {
         return (limit / 4 * 3, format!("3/4 of the cgroup memory limit of {limit} bytes"));
     }
     match machine_memory() {
-        Some(total) if total / 4 * 3 < FIXED_DEFAULT_BUDGET => (total / 4 * 3, format!("3/4 of the machine's {total} bytes")),
+        Some(total) if total / 4 * 3 < FIXED_DEFAULT_BUDGET => {
+            (total / 4 * 3, format!("3/4 of the machine's {total} bytes"))
+        }
         _ => (FIXED_DEFAULT_BUDGET, "the fixed default (no cgroup memory limit)".into()),
     }
 }
@@ -164,7 +168,8 @@ fn cgroup_memory_limit() -> Option<u64> {
     for line in cgroups.lines() {
         // v2: "0::/path"; v1: "N:memory:/path" (or a list of controllers with memory).
         let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+        let (_, controllers, path) =
+            (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
         if controllers.is_empty() {
             candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
             candidates.push("/sys/fs/cgroup/memory.max".into());
@@ -197,7 +202,10 @@ mod tests {
         let mut a = pool.reserve(6 * UNIT, wait).await.unwrap();
         assert_eq!(pool.in_use(), 6 * UNIT);
         assert_eq!(pool.reserve(5 * UNIT, wait).await.unwrap_err(), Refused::Busy);
-        assert_eq!(pool.reserve(11 * UNIT, wait).await.unwrap_err(), Refused::NeverFits { needed: 11 * UNIT, capacity: 10 * UNIT });
+        assert_eq!(
+            pool.reserve(11 * UNIT, wait).await.unwrap_err(),
+            Refused::NeverFits { needed: 11 * UNIT, capacity: 10 * UNIT }
+        );
         a.shrink_to(2 * UNIT);
         assert_eq!(pool.in_use(), 2 * UNIT);
         let b = a.split_off(UNIT);
@@ -206,7 +214,9 @@ mod tests {
         assert_eq!(pool.in_use(), UNIT);
         // A waiter gets its memory as soon as it is given back.
         let pool2 = pool.clone();
-        let waiter = tokio::spawn(async move { pool2.reserve(10 * UNIT, Duration::from_secs(5)).await.map(|r| r.bytes()) });
+        let waiter = tokio::spawn(async move {
+            pool2.reserve(10 * UNIT, Duration::from_secs(5)).await.map(|r| r.bytes())
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(b);
         assert_eq!(waiter.await.unwrap(), Ok(10 * UNIT));

@@ -1,11 +1,15 @@
 //! Prometheus metrics. Names carry units and counters end in `_total`, so
 //! `promtool check metrics` has nothing to warn about.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 /// Latency buckets from 1 ms to 30 s, growing about x1.5-2.5.
 const SECONDS: &[f64] = &[
-    0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+    0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+    0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
 ];
 
 pub struct Metrics {
@@ -36,7 +40,8 @@ impl Metrics {
             r.register(Box::new(c.clone())).expect("metric names are unique");
             c
         }
-        let secs = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
+        let secs =
+            |name: &str, help: &str| HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
         let mut batch_buckets: Vec<f64> = std::iter::successors(Some(1usize), |b| Some(b * 2))
             .take_while(|&b| b < max_batch_size)
             .map(|b| b as f64)
@@ -62,7 +67,11 @@ impl Metrics {
             header_timeouts: reg(&registry, IntCounter::new("fasternet_header_timeouts_total", "Connections closed because a request head did not arrive in time.").unwrap()),
             registry,
         };
-        let build = IntGaugeVec::new(Opts::new("fasternet_build_info", "Build of this server (always 1)."), &["version"]).unwrap();
+        let build = IntGaugeVec::new(
+            Opts::new("fasternet_build_info", "Build of this server (always 1)."),
+            &["version"],
+        )
+        .unwrap();
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(&m.registry, build);
         m

@@ -69,8 +69,14 @@ pub struct ServeConfig {
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
         let b = &self.batch;
-        if b.max_batch_size == 0 || b.queue_capacity == 0 || self.max_images_per_request == 0 || self.default_top_k == 0 {
-            return Err("batch size, queue capacity, images per request and top-k must be positive".into());
+        if b.max_batch_size == 0
+            || b.queue_capacity == 0
+            || self.max_images_per_request == 0
+            || self.default_top_k == 0
+        {
+            return Err(
+                "batch size, queue capacity, images per request and top-k must be positive".into(),
+            );
         }
         if self.max_images_per_request > b.queue_capacity {
             return Err(format!(
@@ -133,7 +139,12 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    fn new(config: &ServeConfig, loaded: u64, forward_estimate: u64, baseline: u64) -> Result<Self, String> {
+    fn new(
+        config: &ServeConfig,
+        loaded: u64,
+        forward_estimate: u64,
+        baseline: u64,
+    ) -> Result<Self, String> {
         let budget = config.memory_budget;
         let connections = config.connections.max_connections as u64 * CONNECTION_BYTES;
         let headers = config.http_threads as u64 * HEADER_READ_BYTES;
@@ -150,7 +161,16 @@ impl MemoryPlan {
                 budget >> 20, requests >> 20, needed >> 20, baseline >> 20, config.connections.max_connections, connections >> 20
             ));
         }
-        Ok(Self { budget, loaded, forward_estimate, baseline, connections, headers, slack, requests })
+        Ok(Self {
+            budget,
+            loaded,
+            forward_estimate,
+            baseline,
+            connections,
+            headers,
+            slack,
+            requests,
+        })
     }
 }
 
@@ -158,7 +178,11 @@ impl MemoryPlan {
 /// binds, then serves until `shutdown` resolves and drains: readiness turns 503, the listener
 /// closes, open requests finish (up to the grace period) and the worker empties its queue.
 /// Everything that can refuse to start does so before the port is bound.
-pub async fn serve(classifier: Classifier, config: ServeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Stopped> {
+pub async fn serve(
+    classifier: Classifier,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Stopped> {
     config.validate().map_err(anyhow::Error::msg)?;
     let (h, w) = classifier.preprocessor().config.input_size;
     let max_batch = config.batch.max_batch_size;
@@ -174,7 +198,9 @@ pub async fn serve(classifier: Classifier, config: ServeConfig, shutdown: impl F
     let classifier = Arc::new(classifier);
     memory::reset_peak();
     let warm = classifier.clone();
-    tokio::task::spawn_blocking(move || batcher::warm_up(warm.as_ref(), max_batch)).await?.map_err(anyhow::Error::msg)?;
+    tokio::task::spawn_blocking(move || batcher::warm_up(warm.as_ref(), max_batch))
+        .await?
+        .map_err(anyhow::Error::msg)?;
     let baseline = ProcessMemory::read().map_or(resident + forward, |m| m.peak);
     let plan = MemoryPlan::new(&config, resident, forward, baseline).map_err(anyhow::Error::msg)?;
     tracing::info!(?plan, "memory budget");
@@ -183,11 +209,18 @@ pub async fn serve(classifier: Classifier, config: ServeConfig, shutdown: impl F
     let model = classifier.model().config();
     metrics
         .model_info
-        .with_label_values(&[classifier.name(), &model.architecture(), &model.num_classes.to_string(), &format!("{h}x{w}")])
+        .with_label_values(&[
+            classifier.name(),
+            &model.architecture(),
+            &model.num_classes.to_string(),
+            &format!("{h}x{w}"),
+        ])
         .set(1);
     metrics.memory_budget.set(plan.budget as i64);
     metrics.memory_pool.set(plan.requests as i64);
-    let listener = TcpListener::bind(config.addr).await.with_context(|| format!("cannot listen on {}", config.addr))?;
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.addr))?;
     let addr = listener.local_addr()?;
     let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone())?;
     let state = Arc::new(AppState {
@@ -208,7 +241,16 @@ pub async fn serve(classifier: Classifier, config: ServeConfig, shutdown: impl F
         drain_state.draining.store(true, Ordering::SeqCst);
         tracing::info!(grace_seconds = grace.as_secs_f64(), "shutdown signal: draining");
     };
-    let stopped = listener::run(listener, routes::router(state.clone()), connections, metrics, shutdown, on_shutdown, grace).await;
+    let stopped = listener::run(
+        listener,
+        routes::router(state.clone()),
+        connections,
+        metrics,
+        shutdown,
+        on_shutdown,
+        grace,
+    )
+    .await;
     if stopped == Stopped::GraceExpired {
         tracing::warn!("grace period over with requests still open");
     }

@@ -22,7 +22,9 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::batcher::{Answer, Job};
 use super::error::{ApiError, ErrorBody, RejectReason};
-use super::input::{drain_if_unread, read_images, Base64Image, EncodedImage, ImageFile, ImagesJson, ImagesMultipart};
+use super::input::{
+    drain_if_unread, read_images, Base64Image, EncodedImage, ImageFile, ImagesJson, ImagesMultipart,
+};
 use super::memory::{Refused, Reservation};
 use super::AppState;
 use crate::preprocess::{ImageError, Plan};
@@ -40,7 +42,10 @@ const ANSWER_BYTES_PER_VALUE: u64 = 24;
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Only API calls are logged per request; probes and scrapes would drown them.
-    let mut api = Router::new().route("/classify", post(classify)).route("/embed", post(embed)).route("/v1/models", get(models));
+    let mut api = Router::new()
+        .route("/classify", post(classify))
+        .route("/embed", post(embed))
+        .route("/v1/models", get(models));
     if state.config.api_keys.is_some() {
         api = api.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     }
@@ -52,9 +57,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)));
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
     if state.config.protect_metrics {
-        metrics_route = metrics_route.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        metrics_route =
+            metrics_route.layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     }
-    let mut router = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).merge(metrics_route).merge(api);
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(metrics_route)
+        .merge(api);
     if state.config.ui {
         router = router.merge(super::ui::routes());
     }
@@ -65,14 +75,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(middleware::from_fn(cap_request_id))
-        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
         .with_state(state)
 }
 
 /// Drops a client's `x-request-id` that is too long or not plain visible ASCII, so that the
 /// next layer generates one instead.
 async fn cap_request_id(mut request: Request, next: Next) -> Response {
-    let acceptable = |v: &HeaderValue| v.len() <= MAX_REQUEST_ID_BYTES && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+    let acceptable = |v: &HeaderValue| {
+        v.len() <= MAX_REQUEST_ID_BYTES && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    };
     if request.headers().get(&REQUEST_ID).is_some_and(|v| !acceptable(v)) {
         request.headers_mut().remove(&REQUEST_ID);
     }
@@ -83,13 +98,21 @@ async fn cap_request_id(mut request: Request, next: Next) -> Response {
 /// (`drain_if_unread`); errors made by the HTTP layers (405, a rejected header, ...) in
 /// the same JSON form as the handlers' own, and `Connection: close` while draining so that
 /// clients move to another replica.
-async fn every_response(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn every_response(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = request.into_parts();
     let body = drain_if_unread(&parts.headers, body);
     let mut response = next.run(Request::from_parts(parts, body)).await;
     let status = response.status();
-    if (status.is_client_error() || status.is_server_error()) && response.extensions().get::<RejectReason>().is_none() {
-        let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 4096).await.unwrap_or_default();
+    if (status.is_client_error() || status.is_server_error())
+        && response.extensions().get::<RejectReason>().is_none()
+    {
+        let body = axum::body::to_bytes(std::mem::take(response.body_mut()), 4096)
+            .await
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&body);
         let message = match text.trim() {
             "" => status.canonical_reason().unwrap_or("error").to_string(),
@@ -110,15 +133,33 @@ async fn every_response(State(state): State<Arc<AppState>>, request: Request, ne
 }
 
 /// Layered only when keys are configured.
-async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     match &state.config.api_keys {
-        Some(keys) if !keys.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) => ApiError::Unauthorized.into_response(),
+        Some(keys)
+            if !keys.accepts(
+                request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+            ) =>
+        {
+            ApiError::Unauthorized.into_response()
+        }
         _ => next.run(request).await,
     }
 }
 
-async fn record_metrics(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+async fn record_metrics(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let mut recording = Recording { state, route, start: Instant::now(), done: false };
     let response = next.run(request).await;
     let reason = response.extensions().get::<RejectReason>().map(|r| r.0);
@@ -140,7 +181,9 @@ impl Recording {
         self.done = true;
         let m = &self.state.metrics;
         m.requests.with_label_values(&[self.route.as_str(), status]).inc();
-        m.request_duration.with_label_values(&[self.route.as_str()]).observe(self.start.elapsed().as_secs_f64());
+        m.request_duration
+            .with_label_values(&[self.route.as_str()])
+            .observe(self.start.elapsed().as_secs_f64());
         if let Some(reason) = reason {
             m.rejections.with_label_values(&[reason]).inc();
         }
@@ -225,22 +268,34 @@ struct Inferred {
         (status = 503, description = "Queue full, memory busy or shutting down; see Retry-After", body = ErrorBody),
         (status = 504, description = "Not answered within the request timeout", body = ErrorBody),
         (status = 500, description = "Inference failed", body = ErrorBody)))]
-async fn classify(State(state): State<Arc<AppState>>, q: Result<Query<ClassifyQuery>, QueryRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn classify(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<ClassifyQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let q = query(q)?;
     let classes = state.classifier.labels().len();
     let top_k = match q.top_k.as_deref() {
         None => state.config.default_top_k.min(classes),
-        Some(raw) => raw.parse::<usize>().ok().filter(|k| (1..=classes).contains(k)).ok_or_else(|| {
-            ApiError::InvalidRequest(format!("top_k must be an integer in 1..={classes}, got `{raw}`"))
-        })?,
+        Some(raw) => {
+            raw.parse::<usize>().ok().filter(|k| (1..=classes).contains(k)).ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "top_k must be an integer in 1..={classes}, got `{raw}`"
+                ))
+            })?
+        }
     };
     let inferred = infer(&state, &headers, body, "/classify").await?;
     let results = inferred
         .filenames
         .iter()
         .zip(&inferred.answers)
-        .map(|(filename, a)| ClassifyResult { filename: filename.clone(), predictions: state.classifier.top_k(&a.probabilities, top_k) })
+        .map(|(filename, a)| ClassifyResult {
+            filename: filename.clone(),
+            predictions: state.classifier.top_k(&a.probabilities, top_k),
+        })
         .collect();
     let body = ClassifyResponse { model: state.classifier.name().to_string(), results };
     Ok(with_timings(Json(body).into_response(), &inferred, started))
@@ -254,13 +309,22 @@ async fn classify(State(state): State<Arc<AppState>>, q: Result<Query<ClassifyQu
         (status = 401, body = ErrorBody), (status = 408, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
         (status = 504, body = ErrorBody), (status = 500, body = ErrorBody)))]
-async fn embed(State(state): State<Arc<AppState>>, q: Result<Query<EmbedQuery>, QueryRejection>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn embed(
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<EmbedQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let q = query(q)?;
     let normalized = match q.normalize.as_deref() {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") => true,
-        Some(other) => return Err(ApiError::InvalidRequest(format!("normalize must be true or false, got `{other}`"))),
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "normalize must be true or false, got `{other}`"
+            )))
+        }
     };
     let inferred = infer(&state, &headers, body, "/embed").await?;
     let results: Vec<EmbedResult> = inferred
@@ -276,12 +340,22 @@ async fn embed(State(state): State<Arc<AppState>>, q: Result<Query<EmbedQuery>, 
         })
         .collect();
     let dimension = state.classifier.model().config().feature_dim;
-    let body = EmbedResponse { model: state.classifier.name().to_string(), dimension, normalized, results };
+    let body = EmbedResponse {
+        model: state.classifier.name().to_string(),
+        dimension,
+        normalized,
+        results,
+    };
     Ok(with_timings(Json(body).into_response(), &inferred, started))
 }
 
 /// Admission, decoding and the trip through the batcher, all under the request timeout.
-async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'static str) -> Result<Inferred, ApiError> {
+async fn infer(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+    route: &'static str,
+) -> Result<Inferred, ApiError> {
     if state.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
     }
@@ -289,13 +363,28 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
     let timeout = cfg.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let work = async {
-        let mut read = read_images(headers, body, &cfg.body, cfg.max_images_per_request, &state.memory, deadline).await?;
+        let mut read = read_images(
+            headers,
+            body,
+            &cfg.body,
+            cfg.max_images_per_request,
+            &state.memory,
+            deadline,
+        )
+        .await?;
         // Reserve queue slots for every image before decoding any: a full queue rejects fast.
-        let reservation = state.batcher.try_reserve(read.images.len()).ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
+        let reservation = state
+            .batcher
+            .try_reserve(read.images.len())
+            .ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
         let preprocess_start = Instant::now();
-        let filenames: Vec<Option<String>> = read.images.iter().map(|i| i.filename.clone()).collect();
+        let filenames: Vec<Option<String>> =
+            read.images.iter().map(|i| i.filename.clone()).collect();
         let images = std::mem::take(&mut read.images);
-        let prepared = futures_util::future::join_all(images.into_iter().enumerate().map(|(index, image)| prepare(state, index, image))).await;
+        let prepared = futures_util::future::join_all(
+            images.into_iter().enumerate().map(|(index, image)| prepare(state, index, image)),
+        )
+        .await;
         drop(read); // the encoded bytes and their memory
         let preprocess = preprocess_start.elapsed();
         let mut receivers = Vec::with_capacity(prepared.len());
@@ -313,7 +402,8 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
         }
         let mut answers = Vec::with_capacity(receivers.len());
         for rx in receivers {
-            let answer = rx.await.map_err(|_| ApiError::Internal("the inference worker stopped".into()))?;
+            let answer =
+                rx.await.map_err(|_| ApiError::Internal("the inference worker stopped".into()))?;
             answers.push(answer.map_err(ApiError::Internal)?);
         }
         state.metrics.images.with_label_values(&[route]).inc_by(answers.len() as u64);
@@ -331,7 +421,11 @@ async fn infer(state: &Arc<AppState>, headers: &HeaderMap, body: Body, route: &'
 /// the bundled model's 28x28 uploads) right here, where the two thread hand-offs would cost
 /// more CPU than the work. A decoder panic fails only its image, either way. Returns the
 /// tensor with the memory it holds until its forward pass, and the memory its answer holds.
-async fn prepare(state: &Arc<AppState>, index: usize, image: EncodedImage) -> Result<(candle_core::Tensor, Reservation, Reservation), ApiError> {
+async fn prepare(
+    state: &Arc<AppState>,
+    index: usize,
+    image: EncodedImage,
+) -> Result<(candle_core::Tensor, Reservation, Reservation), ApiError> {
     let failed = |e: ImageError| image_error(index, &image.filename, e);
     let preprocessor = state.classifier.preprocessor();
     // Reading the header counts as preprocessing time; waiting for memory or a thread not.
@@ -343,29 +437,45 @@ async fn prepare(state: &Arc<AppState>, index: usize, image: EncodedImage) -> Re
         failed(e)
     })?;
     let answer_bytes = state.answer_values as u64 * ANSWER_BYTES_PER_VALUE;
-    let mut memory = match state.memory.reserve(plan.peak_bytes + answer_bytes, state.config.memory_wait).await {
+    let mut memory = match state
+        .memory
+        .reserve(plan.peak_bytes + answer_bytes, state.config.memory_wait)
+        .await
+    {
         Ok(memory) => memory,
         Err(Refused::Busy) => return Err(ApiError::ServerBusy),
         Err(Refused::NeverFits { needed, capacity }) => {
-            let reason = format!("preparing it needs {} MiB, more than the {} MiB this server has for requests", needed.div_ceil(1 << 20), capacity >> 20);
-            return Err(ApiError::ImageTooLarge { index, filename: image.filename.clone(), reason });
+            let reason = format!(
+                "preparing it needs {} MiB, more than the {} MiB this server has for requests",
+                needed.div_ceil(1 << 20),
+                capacity >> 20
+            );
+            return Err(ApiError::ImageTooLarge {
+                index,
+                filename: image.filename.clone(),
+                reason,
+            });
         }
     };
     let run = move |state: &AppState, bytes: &[u8], plan: &Plan| {
         let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| state.classifier.preprocessor().prepare(bytes, plan)))
-            .unwrap_or_else(|_| Err(ImageError::Corrupt("the decoder crashed on this image".into())));
+        let result =
+            catch_unwind(AssertUnwindSafe(|| state.classifier.preprocessor().prepare(bytes, plan)))
+                .unwrap_or_else(|_| {
+                    Err(ImageError::Corrupt("the decoder crashed on this image".into()))
+                });
         state.metrics.preprocess_duration.observe((header_time + start.elapsed()).as_secs_f64());
         result
     };
     let tensor = if preprocessor.is_small(&plan) {
         run(state, &image.bytes, &plan)
     } else {
-        let _permit = state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
+        let _permit =
+            state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
         let (state, bytes) = (state.clone(), image.bytes.clone());
-        tokio::task::spawn_blocking(move || run(&state, &bytes, &plan))
-            .await
-            .unwrap_or_else(|e| Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}"))))
+        tokio::task::spawn_blocking(move || run(&state, &bytes, &plan)).await.unwrap_or_else(|e| {
+            Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}")))
+        })
     }
     .map_err(failed)?;
     memory.shrink_to(plan.tensor_bytes + answer_bytes);
@@ -383,9 +493,13 @@ fn image_error(index: usize, filename: &Option<String>, e: ImageError) -> ApiErr
 }
 
 fn with_timings(mut response: Response, inferred: &Inferred, started: Instant) -> Response {
-    let ms = |d: Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3)).expect("a number is a valid header value");
+    let ms = |d: Duration| {
+        HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3))
+            .expect("a number is a valid header value")
+    };
     let queue = inferred.answers.iter().map(|a| a.queue_wait).max().unwrap_or_default();
-    let inference: Duration = inferred.answers.iter().map(|a| a.inference).max().unwrap_or_default();
+    let inference: Duration =
+        inferred.answers.iter().map(|a| a.inference).max().unwrap_or_default();
     let h = response.headers_mut();
     h.insert("x-queue-time", ms(queue));
     h.insert("x-inference-time", ms(inference));
@@ -478,9 +592,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "fasternet-serve", description = "FasterNet image classification with dynamic batching."),
+    info(
+        title = "fasternet-serve",
+        description = "FasterNet image classification with dynamic batching."
+    ),
     paths(classify, embed, healthz, readyz, models, metrics, openapi),
-    components(schemas(ClassifyResponse, ClassifyResult, Prediction, EmbedResponse, EmbedResult, ModelsResponse, ModelInfo, BatchingInfo, ErrorBody, ImagesJson, ImagesMultipart, Base64Image, ImageFile))
+    components(schemas(
+        ClassifyResponse,
+        ClassifyResult,
+        Prediction,
+        EmbedResponse,
+        EmbedResult,
+        ModelsResponse,
+        ModelInfo,
+        BatchingInfo,
+        ErrorBody,
+        ImagesJson,
+        ImagesMultipart,
+        Base64Image,
+        ImageFile
+    ))
 )]
 struct ApiDoc;
 
@@ -491,14 +622,21 @@ async fn openapi(State(state): State<Arc<AppState>>) -> Json<utoipa::openapi::Op
     // Bounds that depend on the served model and the configuration: top_k up to the class
     // count, at most --max-images-per-request images.
     let classes = state.classifier.labels().len();
-    let top_k = doc.paths.paths.get_mut("/classify").and_then(|p| p.post.as_mut()).and_then(|op| op.parameters.as_mut());
+    let top_k = doc
+        .paths
+        .paths
+        .get_mut("/classify")
+        .and_then(|p| p.post.as_mut())
+        .and_then(|op| op.parameters.as_mut());
     for parameter in top_k.into_iter().flatten().filter(|p| p.name == "top_k") {
         if let Some(RefOr::T(Schema::Object(object))) = parameter.schema.as_mut() {
             object.maximum = Some(classes.into());
         }
     }
     for name in ["ImagesJson", "ImagesMultipart"] {
-        if let Some(RefOr::T(Schema::Object(object))) = doc.components.as_mut().and_then(|c| c.schemas.get_mut(name)) {
+        if let Some(RefOr::T(Schema::Object(object))) =
+            doc.components.as_mut().and_then(|c| c.schemas.get_mut(name))
+        {
             if let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut("images") {
                 array.max_items = Some(state.config.max_images_per_request);
             }

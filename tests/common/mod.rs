@@ -21,7 +21,17 @@ impl Server {
     pub async fn start(args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "2", "--log-format", "json"])
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--threads",
+                "2",
+                "--log-format",
+                "json",
+            ])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -40,7 +50,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut startup_logs = Vec::new();
         let addr = loop {
-            let line = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a `listening` log line");
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("a `listening` log line");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             startup_logs.push(line);
             if v["fields"]["message"] == "listening" {
@@ -101,12 +113,17 @@ impl Drop for Server {
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/inputs").join(name)).unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/inputs").join(name),
+    )
+    .unwrap()
 }
 
 /// A 28x28 greyscale PNG like the bundled model's training data.
 pub fn small_png(seed: u8) -> Vec<u8> {
-    let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) as u8).wrapping_mul(seed | 1)]));
+    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([((x * 9 + y * 5) as u8).wrapping_mul(seed | 1)])
+    });
     let mut out = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
@@ -119,7 +136,11 @@ pub fn tool_output(program: &str, args: &[&str]) -> Option<std::process::Output>
 
 /// In CI a missing tool fails the test; on a developer machine it skips the check.
 pub fn require_tool(program: &str, install: &str) -> bool {
-    let found = Command::new("sh").args(["-c", &format!("command -v {program}")]).output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !found {
         assert!(std::env::var_os("CI").is_none(), "CI must install {program} ({install})");
         eprintln!("skipped: {program} not installed ({install})");
@@ -152,7 +173,14 @@ pub fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 
 /// A PNG from its header fields and rows (each with its filter byte), compressed one row at a
 /// time so that a huge image costs no memory to make. `extra` chunks go between IHDR and IDAT.
-pub fn png_from_rows(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)], rows: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
+pub fn png_from_rows(
+    width: u32,
+    height: u32,
+    bit_depth: u8,
+    color_type: u8,
+    extra: &[(&[u8; 4], Vec<u8>)],
+    rows: impl Iterator<Item = Vec<u8>>,
+) -> Vec<u8> {
     use std::io::Write;
     let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
     for row in rows {
@@ -172,7 +200,13 @@ pub fn png_from_rows(width: u32, height: u32, bit_depth: u8, color_type: u8, ext
 }
 
 /// A PNG whose pixels are all zero (colour type 0 grey, 2 RGB, 4 grey+alpha, 6 RGBA).
-pub fn zero_png(width: u32, height: u32, bit_depth: u8, color_type: u8, extra: &[(&[u8; 4], Vec<u8>)]) -> Vec<u8> {
+pub fn zero_png(
+    width: u32,
+    height: u32,
+    bit_depth: u8,
+    color_type: u8,
+    extra: &[(&[u8; 4], Vec<u8>)],
+) -> Vec<u8> {
     let channels = match color_type {
         0 => 1,
         2 => 3,

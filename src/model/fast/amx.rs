@@ -90,7 +90,15 @@ const CONFIG: TileConfig = TileConfig {
 /// # Safety
 /// `available()` must be true; otherwise as `gemm::matmul`.
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+pub unsafe fn matmul(
+    m: usize,
+    a: &[Segment],
+    w: &Weights,
+    data: &[u16],
+    dst: *mut f32,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
     let (k, n) = (w.k, w.n);
     let kp = k.next_multiple_of(K_STEP);
     let row_blocks = m.div_ceil(TILE);
@@ -130,11 +138,22 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *m
 /// `w` (the block's second 16 columns follow the first's kp / 32 tiles) into `sums` (32 x 32
 /// fp32, row-major). Tiles 0-3 accumulate, 4-5 hold activations, 6-7 weights.
 #[inline]
-unsafe fn block<const TWO_ROWS: bool, const TWO_COLS: bool>(x: *const u16, kp: usize, w: *const u16, sums: *mut f32) {
+unsafe fn block<const TWO_ROWS: bool, const TWO_COLS: bool>(
+    x: *const u16,
+    kp: usize,
+    w: *const u16,
+    sums: *mut f32,
+) {
     let x_stride = 2 * kp;
     let second_rows = x.add(TILE * kp);
     let second_cols = w.add(kp / K_STEP * WEIGHT_TILE);
-    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
     for step in 0..kp / K_STEP {
         let (xo, wo) = (step * K_STEP, step * WEIGHT_TILE);
         asm!("tileloadd tmm4, [{p} + {s}*1]", "tileloadd tmm6, [{w} + {ws}*1]",

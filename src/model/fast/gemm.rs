@@ -159,7 +159,9 @@ impl Weights {
         if kernels == Kernels::Amx {
             return Self { k, n, data: Layout::TilesAmx(super::amx::pack(k, n, at)) };
         }
-        let panels = || panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)));
+        let panels = || {
+            panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)))
+        };
         let data = if kernels == Kernels::Avx512Bf16 {
             let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
             for (j0, width) in panels() {
@@ -201,7 +203,9 @@ pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize
         avx512::to_bf16(src.add(r * stride), k, dst.add(r * k));
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})")
+    unreachable!(
+        "bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})"
+    )
 }
 
 /// `matmul` with weights for which `takes_bf16_segments()` and a left operand already in bf16.
@@ -209,11 +213,20 @@ pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize
 /// # Safety
 /// As `matmul`; moreover every segment's `k` is even.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-pub unsafe fn matmul_bf16(m: usize, a: &[SegmentBf16], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+pub unsafe fn matmul_bf16(
+    m: usize,
+    a: &[SegmentBf16],
+    w: &Weights,
+    dst: *mut f32,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
     debug_assert!(a.iter().all(|s| s.k % 2 == 0) && a.iter().map(|s| s.k).sum::<usize>() == w.k);
     match &w.data {
         #[cfg(target_arch = "x86_64")]
-        Layout::PanelsBf16(data) if m > 0 && w.n > 0 => avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue),
+        Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
+            avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue)
+        }
         _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
     }
 }
@@ -237,7 +250,9 @@ fn panel_vectors(n: usize) -> impl Iterator<Item = usize> {
         v if v % 3 == 1 => (v / 3 - 1, 2, 0),
         v => (v / 3, 1, 0),
     };
-    std::iter::repeat_n(3, triples).chain(std::iter::repeat_n(2, pairs)).chain(std::iter::repeat_n(1, singles))
+    std::iter::repeat_n(3, triples)
+        .chain(std::iter::repeat_n(2, pairs))
+        .chain(std::iter::repeat_n(1, singles))
 }
 
 /// dst (m x n, row stride `dst_rs`) = epilogue([segments...] @ w).
@@ -245,7 +260,14 @@ fn panel_vectors(n: usize) -> impl Iterator<Item = usize> {
 /// # Safety
 /// Every segment must cover `m` rows; the segments' `k` must add up to `w.k`; dst must cover
 /// m rows of `w.n` values at stride `dst_rs` and alias neither the segments nor the residual.
-pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+pub unsafe fn matmul(
+    m: usize,
+    a: &[Segment],
+    w: &Weights,
+    dst: *mut f32,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
     debug_assert_eq!(a.iter().map(|s| s.k).sum::<usize>(), w.k);
     if m == 0 || w.n == 0 {
         return;
@@ -259,11 +281,21 @@ pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, dst: *mut f32, dst_rs
         #[cfg(target_arch = "x86_64")]
         Layout::TilesAmx(data) => super::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
         #[cfg(not(target_arch = "x86_64"))]
-        Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => unreachable!("AVX-512 kernels are only selected on x86-64"),
+        Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => {
+            unreachable!("AVX-512 kernels are only selected on x86-64")
+        }
     }
 }
 
-unsafe fn portable(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+unsafe fn portable(
+    m: usize,
+    a: &[Segment],
+    w: &Weights,
+    data: &[f32],
+    dst: *mut f32,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
     let n = w.n;
     let mut accumulate = false;
     if let Epilogue::Residual(res) = epilogue {
@@ -275,7 +307,17 @@ unsafe fn portable(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut
     let mut k0 = 0;
     for s in a {
         if !s.ptr.is_null() {
-            kernels::matmul(m, n, s.k, dst, dst_rs, accumulate, s.ptr, s.stride, data[k0 * n..].as_ptr());
+            kernels::matmul(
+                m,
+                n,
+                s.k,
+                dst,
+                dst_rs,
+                accumulate,
+                s.ptr,
+                s.stride,
+                data[k0 * n..].as_ptr(),
+            );
             accumulate = true;
         }
         k0 += s.k;
@@ -317,7 +359,15 @@ pub(super) mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn matmul(m: usize, a: &[Segment], w: &Weights, data: &[f32], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    pub unsafe fn matmul(
+        m: usize,
+        a: &[Segment],
+        w: &Weights,
+        data: &[f32],
+        dst: *mut f32,
+        dst_rs: usize,
+        epilogue: Epilogue,
+    ) {
         for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
             let panel = data.as_ptr().add(at.j0 * w.k);
             dispatch!(rows, vectors, tile(a, panel, at, epilogue))
@@ -333,7 +383,13 @@ pub(super) mod avx512 {
     /// segments and the padding past their k as zeros) in this thread's staging buffer, which
     /// holds at least `capacity` >= m such rows (the ones past m hold any values).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn with_bf16_rows(m: usize, capacity: usize, a: &[Segment], kp: usize, run: impl FnOnce(*const u16)) {
+    pub unsafe fn with_bf16_rows(
+        m: usize,
+        capacity: usize,
+        a: &[Segment],
+        kp: usize,
+        run: impl FnOnce(*const u16),
+    ) {
         LEFT_BF16.with_borrow_mut(|left| {
             if left.len() < capacity * kp {
                 left.resize(capacity * kp, 0);
@@ -358,16 +414,40 @@ pub(super) mod avx512 {
     /// As `matmul`, on bf16 operands: the segments are converted into one bf16 row per input
     /// row first (an odd k padded with a zero), then each tile multiplies pairs.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn matmul_bf16(m: usize, a: &[Segment], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    pub unsafe fn matmul_bf16(
+        m: usize,
+        a: &[Segment],
+        w: &Weights,
+        data: &[u16],
+        dst: *mut f32,
+        dst_rs: usize,
+        epilogue: Epilogue,
+    ) {
         let kp = w.k.next_multiple_of(2);
         with_bf16_rows(m, m, a, kp, |left| {
-            matmul_bf16_segments(m, &[SegmentBf16 { ptr: left, stride: kp, k: kp }], w, data, dst, dst_rs, epilogue);
+            matmul_bf16_segments(
+                m,
+                &[SegmentBf16 { ptr: left, stride: kp, k: kp }],
+                w,
+                data,
+                dst,
+                dst_rs,
+                epilogue,
+            );
         });
     }
 
     /// As `matmul`, on a left operand already in bf16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn matmul_bf16_segments(m: usize, a: &[SegmentBf16], w: &Weights, data: &[u16], dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
+    pub unsafe fn matmul_bf16_segments(
+        m: usize,
+        a: &[SegmentBf16],
+        w: &Weights,
+        data: &[u16],
+        dst: *mut f32,
+        dst_rs: usize,
+        epilogue: Epilogue,
+    ) {
         let kp = w.k.next_multiple_of(2);
         for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
             let panel = data.as_ptr().add(at.j0 * kp);
@@ -387,7 +467,8 @@ pub(super) mod avx512 {
         }
         if i < k {
             let mask = (1u16 << (k - i)) - 1;
-            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(i))));
+            let v: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(i))));
             _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, mask, v);
         }
     }
@@ -396,7 +477,13 @@ pub(super) mod avx512 {
     /// As few row tiles per panel as the register budget allows, of near-equal height: 26
     /// rows run as 9 + 9 + 8, not 12 + 12 + 2 (a 2-row tile has too few independent
     /// accumulators to keep both FMA pipes busy).
-    unsafe fn for_each_tile(m: usize, n: usize, dst: *mut f32, dst_rs: usize, mut run: impl FnMut(usize, usize, &Tile)) {
+    unsafe fn for_each_tile(
+        m: usize,
+        n: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        mut run: impl FnMut(usize, usize, &Tile),
+    ) {
         let mut j0 = 0;
         for vectors in panel_vectors(n) {
             let width = 16 * vectors;
@@ -437,15 +524,22 @@ pub(super) mod avx512 {
             match $epilogue {
                 Epilogue::Store => $sum,
                 Epilogue::Bias(bias, act) => {
-                    let x = _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, bias.as_ptr().add($col)));
+                    let x =
+                        _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, bias.as_ptr().add($col)));
                     match act {
                         None => x,
                         Some(Activation::Relu) => _mm512_max_ps(x, _mm512_setzero_ps()),
                         Some(Activation::Gelu) => gelu(x),
                     }
                 }
-                Epilogue::BiasGeluBf16(bias) => gelu_bf16(_mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, bias.as_ptr().add($col)))),
-                Epilogue::Residual(res) => _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, res.add($row * $dst_rs + $col))),
+                Epilogue::BiasGeluBf16(bias) => gelu_bf16(_mm512_add_ps(
+                    $sum,
+                    _mm512_maskz_loadu_ps($mask, bias.as_ptr().add($col)),
+                )),
+                Epilogue::Residual(res) => _mm512_add_ps(
+                    $sum,
+                    _mm512_maskz_loadu_ps($mask, res.add($row * $dst_rs + $col)),
+                ),
             }
         };
     }
@@ -453,8 +547,20 @@ pub(super) mod avx512 {
     /// `epilogue(sum)` into the `mask`ed lanes of `dst` at row `row`, column `col`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn finish(sum: __m512, mask: __mmask16, row: usize, col: usize, dst: *mut f32, dst_rs: usize, epilogue: Epilogue) {
-        _mm512_mask_storeu_ps(dst.add(row * dst_rs + col), mask, finished!(sum, mask, row, col, dst_rs, epilogue));
+    pub unsafe fn finish(
+        sum: __m512,
+        mask: __mmask16,
+        row: usize,
+        col: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        epilogue: Epilogue,
+    ) {
+        _mm512_mask_storeu_ps(
+            dst.add(row * dst_rs + col),
+            mask,
+            finished!(sum, mask, row, col, dst_rs, epilogue),
+        );
     }
 
     struct Tile {
@@ -469,7 +575,12 @@ pub(super) mod avx512 {
     /// function per shape keeps each register allocation simple (all 24 accumulators in zmm).
     #[inline(never)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const NV: usize>(a: &[Segment], panel: *const f32, t: &Tile, epilogue: Epilogue) {
+    unsafe fn tile<const R: usize, const NV: usize>(
+        a: &[Segment],
+        panel: *const f32,
+        t: &Tile,
+        epilogue: Epilogue,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let mut wp = panel;
         for s in a {
@@ -484,12 +595,23 @@ pub(super) mod avx512 {
     /// `tile` on bf16 segments and a bf16 panel: each step multiplies a pair of k.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_bf16<const R: usize, const NV: usize>(a: &[SegmentBf16], panel: *const u16, t: &Tile, epilogue: Epilogue) {
+    unsafe fn tile_bf16<const R: usize, const NV: usize>(
+        a: &[SegmentBf16],
+        panel: *const u16,
+        t: &Tile,
+        epilogue: Epilogue,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let mut wp = panel;
         for s in a {
             if !s.ptr.is_null() {
-                acc = accumulate_bf16::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k / 2, wp);
+                acc = accumulate_bf16::<R, NV>(
+                    acc,
+                    s.ptr.add(t.r0 * s.stride),
+                    s.stride,
+                    s.k / 2,
+                    wp,
+                );
             }
             wp = wp.add(16 * NV * s.k);
         }
@@ -500,7 +622,13 @@ pub(super) mod avx512 {
     /// (`pairs` pairs of rows x 16 NV bf16 panel at `wp`, each pair's rows interleaved).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn accumulate_bf16<const R: usize, const NV: usize>(mut acc: [[__m512; NV]; R], mut rowp: *const u16, stride: usize, pairs: usize, mut wp: *const u16) -> [[__m512; NV]; R] {
+    unsafe fn accumulate_bf16<const R: usize, const NV: usize>(
+        mut acc: [[__m512; NV]; R],
+        mut rowp: *const u16,
+        stride: usize,
+        pairs: usize,
+        mut wp: *const u16,
+    ) -> [[__m512; NV]; R] {
         for _ in 0..pairs {
             let mut wv = [_mm512_setzero_si512(); NV];
             for (v, wv) in wv.iter_mut().enumerate() {
@@ -508,9 +636,15 @@ pub(super) mod avx512 {
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 // One row's pair of bf16 values in every 32-bit lane.
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32((rowp.add(r * stride) as *const i32).read_unaligned()));
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                    (rowp.add(r * stride) as *const i32).read_unaligned(),
+                ));
                 for v in 0..NV {
-                    acc[v] = _mm512_dpbf16_ps(acc[v], x, std::mem::transmute::<__m512i, __m512bh>(wv[v]));
+                    acc[v] = _mm512_dpbf16_ps(
+                        acc[v],
+                        x,
+                        std::mem::transmute::<__m512i, __m512bh>(wv[v]),
+                    );
                 }
             }
             rowp = rowp.add(2);
@@ -523,7 +657,13 @@ pub(super) mod avx512 {
     /// By value so that the accumulators live in registers for the whole loop.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn accumulate<const R: usize, const NV: usize>(mut acc: [[__m512; NV]; R], rowp: *const f32, stride: usize, k: usize, mut wp: *const f32) -> [[__m512; NV]; R] {
+    unsafe fn accumulate<const R: usize, const NV: usize>(
+        mut acc: [[__m512; NV]; R],
+        rowp: *const f32,
+        stride: usize,
+        k: usize,
+        mut wp: *const f32,
+    ) -> [[__m512; NV]; R] {
         // No address arithmetic per k: the rows' byte offsets (0, s, .., 5s from `lo` for rows
         // 0-5, the same from `hi` for 6-11) are opaque to LLVM (`black_box`), so it keeps a base
         // register per row with one shared index. Written as `rowp.add(r * stride)`, loop
@@ -559,7 +699,8 @@ pub(super) mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn gelu(x: __m512) -> __m512 {
-        let c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-ERF_CLAMP)), _mm512_set1_ps(ERF_CLAMP));
+        let c =
+            _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-ERF_CLAMP)), _mm512_set1_ps(ERF_CLAMP));
         let c2 = _mm512_mul_ps(c, c);
         let mut p = _mm512_set1_ps(ERF_NUM[6]);
         for &k in ERF_NUM[..6].iter().rev() {
@@ -585,8 +726,16 @@ pub(super) mod avx512 {
     unsafe fn gelu_bf16(x: __m512) -> __m512 {
         let c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.25)), _mm512_set1_ps(4.25));
         let c2 = _mm512_mul_ps(c, c);
-        let p = _mm512_fmadd_ps(c2, _mm512_fmadd_ps(c2, _mm512_set1_ps(5.415_635e-3), _mm512_set1_ps(7.238_041_6e-2)), _mm512_set1_ps(7.976_824_6e-1));
-        let q = _mm512_fmadd_ps(c2, _mm512_fmadd_ps(c2, _mm512_set1_ps(4.318_789_3e-4), _mm512_set1_ps(2.537_439_2e-2)), _mm512_set1_ps(2.565_095_4e-1));
+        let p = _mm512_fmadd_ps(
+            c2,
+            _mm512_fmadd_ps(c2, _mm512_set1_ps(5.415_635e-3), _mm512_set1_ps(7.238_041_6e-2)),
+            _mm512_set1_ps(7.976_824_6e-1),
+        );
+        let q = _mm512_fmadd_ps(
+            c2,
+            _mm512_fmadd_ps(c2, _mm512_set1_ps(4.318_789_3e-4), _mm512_set1_ps(2.537_439_2e-2)),
+            _mm512_set1_ps(2.565_095_4e-1),
+        );
         let q = _mm512_fmadd_ps(c2, q, _mm512_set1_ps(1.0));
         let erf = _mm512_mul_ps(_mm512_mul_ps(c, p), _mm512_rcp14_ps(q));
         let half_x = _mm512_mul_ps(_mm512_set1_ps(0.5), x);
@@ -602,7 +751,8 @@ mod tests {
         let mut out = vec![0f32; m * n];
         for r in 0..m {
             for c in 0..n {
-                out[r * n + c] = (0..k).map(|i| a[r * k + i] as f64 * w[i * n + c] as f64).sum::<f64>() as f32;
+                out[r * n + c] =
+                    (0..k).map(|i| a[r * k + i] as f64 * w[i * n + c] as f64).sum::<f64>() as f32;
             }
         }
         out
@@ -620,7 +770,16 @@ mod tests {
             rng ^= rng << 17;
             (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
-        for (m, k, n) in [(1, 3, 1), (12, 40, 80), (29, 17, 40), (7, 90, 10), (37, 64, 100), (9, 5, 48), (21, 8, 112), (70, 135, 80)] {
+        for (m, k, n) in [
+            (1, 3, 1),
+            (12, 40, 80),
+            (29, 17, 40),
+            (7, 90, 10),
+            (37, 64, 100),
+            (9, 5, 48),
+            (21, 8, 112),
+            (70, 135, 80),
+        ] {
             let mut a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
@@ -635,9 +794,13 @@ mod tests {
             a.chunks_exact_mut(k).for_each(|row| row[s1..s2].fill(0.0));
             let exact = reference(m, k, n, &a, &wm);
             // bf16 kernels: exactly the product of the operands rounded to bf16.
-            let round = |v: &[f32]| v.iter().map(|&x| f32::from_bits((bf16(x) as u32) << 16)).collect::<Vec<_>>();
+            let round = |v: &[f32]| {
+                v.iter().map(|&x| f32::from_bits((bf16(x) as u32) << 16)).collect::<Vec<_>>()
+            };
             let rounded = reference(m, k, n, &round(&a), &round(&wm));
-            for kernels in [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::all_bf16()) {
+            for kernels in
+                [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::all_bf16())
+            {
                 let want = if kernels.is_bf16() { &rounded } else { &exact };
                 let w = Weights::new(k, n, wm.clone(), kernels);
                 let epilogues = [
@@ -654,16 +817,23 @@ mod tests {
                         let c = i % n;
                         let expect = match epilogue {
                             Epilogue::Store => p,
-                            Epilogue::Bias(_, Some(Activation::Gelu)) | Epilogue::BiasGeluBf16(_) => {
+                            Epilogue::Bias(_, Some(Activation::Gelu))
+                            | Epilogue::BiasGeluBf16(_) => {
                                 let x = (p + bias[c]) as f64;
                                 (0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))) as f32
                             }
                             Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
                             Epilogue::Residual(_) => p + residual[i],
                         };
-                        let approximate = matches!(epilogue, Epilogue::BiasGeluBf16(_)) && kernels != Kernels::Portable;
-                        let tolerance = if approximate { 1e-4 * (p + bias[c]).abs().max(1.0) } else { 2e-5 };
-                        assert!((g - expect).abs() < tolerance, "{kernels:?} m={m} k={k} n={n} row {} col {c}: {g} vs {expect}", i / n);
+                        let approximate = matches!(epilogue, Epilogue::BiasGeluBf16(_))
+                            && kernels != Kernels::Portable;
+                        let tolerance =
+                            if approximate { 1e-4 * (p + bias[c]).abs().max(1.0) } else { 2e-5 };
+                        assert!(
+                            (g - expect).abs() < tolerance,
+                            "{kernels:?} m={m} k={k} n={n} row {} col {c}: {g} vs {expect}",
+                            i / n
+                        );
                     }
                 }
             }
@@ -740,4 +910,3 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 }
-

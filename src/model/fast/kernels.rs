@@ -13,18 +13,39 @@ use crate::model::Activation;
 /// # Safety
 /// The pointers must cover the described matrices; dst must not alias lhs or rhs.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool, lhs: *const f32, lhs_rs: usize, rhs: *const f32) {
+pub unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
     gemm::gemm(
-        m, n, k,
-        dst, 1, dst_rs as isize,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
         accumulate,
-        lhs, 1, lhs_rs as isize,
-        rhs, 1, n as isize,
-        1.0, 1.0,
-        false, false, false,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        n as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
         gemm::Parallelism::None,
     );
 }
@@ -41,9 +62,16 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 /// epilogue (`gemm::avx512::gelu`).
 pub(super) const ERF_CLAMP: f32 = 5.656_854;
 pub(super) const ERF_NUM: [f32; 7] = [
-    -1.138_161_4e-2, -1.044_608_8e-3, -1.299_292_2e-4, -5.031_512_5e-6, -9.285_302e-8, 6.122_399e-10, -3.011_990_2e-12,
+    -1.138_161_4e-2,
+    -1.044_608_8e-3,
+    -1.299_292_2e-4,
+    -5.031_512_5e-6,
+    -9.285_302e-8,
+    6.122_399e-10,
+    -3.011_990_2e-12,
 ];
-pub(super) const ERF_DEN: [f32; 5] = [-1.426_473_9e-2, -3.686_664_6e-3, -4.207_067_5e-4, -2.667_175_6e-5, -9.103_795e-7];
+pub(super) const ERF_DEN: [f32; 5] =
+    [-1.426_473_9e-2, -3.686_664_6e-3, -4.207_067_5e-4, -2.667_175_6e-5, -9.103_795e-7];
 
 /// Exact-erf GELU to ~3e-7 relative. Branch-free (one division, no exp) so that it vectorises.
 #[inline(always)]
@@ -61,7 +89,9 @@ fn bias_act_generic(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     for row in data.chunks_exact_mut(bias.len()) {
         match act {
             Some(Activation::Gelu) => row.iter_mut().zip(bias).for_each(|(v, b)| *v = gelu(*v + b)),
-            Some(Activation::Relu) => row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0)),
+            Some(Activation::Relu) => {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0))
+            }
             None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
         }
     }
@@ -83,10 +113,14 @@ unsafe fn bias_act_avx2(data: &mut [f32], bias: &[f32], act: Option<Activation>)
 pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { bias_act_avx512(data, bias, act) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { bias_act_avx2(data, bias, act) };
         }
     }
@@ -99,7 +133,17 @@ pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
 /// channel). Size 3: the 3x3, stride 1, zero padding 1 convolution's patches; size 4: the
 /// input patches of Winograd's 2x2 output blocks.
 #[allow(clippy::too_many_arguments)]
-pub fn im2col(x: &[f32], h: usize, w: usize, c: usize, cp: usize, g: usize, cols: &[usize], size: usize, out: &mut [f32]) {
+pub fn im2col(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    cp: usize,
+    g: usize,
+    cols: &[usize],
+    size: usize,
+    out: &mut [f32],
+) {
     let (b, i) = (g / h, g % h);
     for (&j, out) in cols.iter().zip(out.chunks_exact_mut(size * size * cp)) {
         for (tap, dst) in out.chunks_exact_mut(cp).enumerate() {
@@ -131,7 +175,9 @@ mod tests {
         assert!(worst < 1e-6, "worst error {worst:e}");
         let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
         bias_act(&mut v, &[0.0, 1.0], Some(Activation::Gelu));
-        assert!((v[1] - 0.841_344_7).abs() < 1e-6 && (v[3] - 1.954_5).abs() < 1e-3 && v[0].abs() < 0.01);
+        assert!(
+            (v[1] - 0.841_344_7).abs() < 1e-6 && (v[3] - 1.954_5).abs() < 1e-3 && v[0].abs() < 0.01
+        );
     }
 
     /// erf in f64 by its Taylor series, accurate to ~1e-8 up to |x| = 4.5 (its largest term,

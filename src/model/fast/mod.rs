@@ -170,14 +170,23 @@ impl FastEngine {
 
     fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
         let fp32 = if kernels.is_bf16() { Kernels::Avx512 } else { kernels };
-        let dense = |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
-            let w = if nhwc { conv_nhwc_matrix(&conv.weight, kernels)? } else { transpose(&conv.weight, kernels)? };
-            Ok(Dense { w, bias: to_vec(&conv.bias)? })
-        };
+        let dense =
+            |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
+                let w = if nhwc {
+                    conv_nhwc_matrix(&conv.weight, kernels)?
+                } else {
+                    transpose(&conv.weight, kernels)?
+                };
+                Ok(Dense { w, bias: to_vec(&conv.bias)? })
+            };
         let block = |b: &BlockWeights| -> Result<Block, ModelError> {
             let (hidden, cp, _, _) = b.fc1_mixed.dims4()?;
             let dim = b.fc2.dim(0)?;
-            let winograd = if kernels == Kernels::Avx512 && cp >= winograd::MIN_CHANNELS { Some(Winograd::new(&to_vec(&b.partial_conv)?, cp, kernels)) } else { None };
+            let winograd = if kernels == Kernels::Avx512 && cp >= winograd::MIN_CHANNELS {
+                Some(Winograd::new(&to_vec(&b.partial_conv)?, cp, kernels))
+            } else {
+                None
+            };
             Ok(Block {
                 dim,
                 cp,
@@ -207,7 +216,10 @@ impl FastEngine {
             stem: dense(&w.stem, false, fp32)?,
             stages,
             head: Dense { w: transpose(&w.conv_head, fp32)?, bias: vec![0.0; features] },
-            classifier: Dense { w: transpose(&w.classifier_weight, fp32)?, bias: to_vec(&w.classifier_bias)? },
+            classifier: Dense {
+                w: transpose(&w.classifier_weight, fp32)?,
+                bias: to_vec(&w.classifier_bias)?,
+            },
             buffers: Mutex::new(Vec::new()),
         })
     }
@@ -221,17 +233,25 @@ impl FastEngine {
     /// lie: stacking a batch of 16 at 224 first copied 9.6 MB on the calling thread while the
     /// compute threads waited.
     pub fn forward_each(&self, images: &[Tensor]) -> Result<ModelOutput, ModelError> {
-        let (c, h, w) = images.first().ok_or_else(|| ModelError::Input("no images".into()))?.dims3()?;
+        let (c, h, w) =
+            images.first().ok_or_else(|| ModelError::Input("no images".into()))?.dims3()?;
         let images = images.iter().map(|x| x.contiguous()).collect::<Result<Vec<_>, _>>()?;
         let storages: Vec<_> = images.iter().map(|x| x.storage_and_layout()).collect();
-        let slices = storages.iter().map(|(storage, layout)| Ok(&cpu_f32(storage)?[layout.start_offset()..][..c * h * w])).collect::<Result<Vec<_>, ModelError>>()?;
+        let slices = storages
+            .iter()
+            .map(|(storage, layout)| Ok(&cpu_f32(storage)?[layout.start_offset()..][..c * h * w]))
+            .collect::<Result<Vec<_>, ModelError>>()?;
         self.forward_slices(&slices, (c, h, w))
     }
 
     /// With at least as many images as threads, each thread runs whole images on its own (no
     /// synchronisation between layers); the images left over, or a batch smaller than the
     /// thread count, are split into tiles that all threads share.
-    fn forward_slices(&self, images: &[&[f32]], (c, in_h, in_w): (usize, usize, usize)) -> Result<ModelOutput, ModelError> {
+    fn forward_slices(
+        &self,
+        images: &[&[f32]],
+        (c, in_h, in_w): (usize, usize, usize),
+    ) -> Result<ModelOutput, ModelError> {
         let batch = images.len();
         let (f, k) = (self.head.w.n, self.classifier.w.n);
         let mut features = vec![0f32; batch * f];
@@ -246,10 +266,18 @@ impl FastEngine {
                 .par_chunks(per_thread)
                 .zip(features_own.par_chunks_mut(per_thread * f))
                 .zip(logits_own.par_chunks_mut(per_thread * k))
-                .for_each(|((x, features), logits)| self.forward_images(x, (c, in_h, in_w), 1, features, logits));
+                .for_each(|((x, features), logits)| {
+                    self.forward_images(x, (c, in_h, in_w), 1, features, logits)
+                });
         }
         if own < batch {
-            self.forward_images(&images[own..], (c, in_h, in_w), threads, features_shared, logits_shared);
+            self.forward_images(
+                &images[own..],
+                (c, in_h, in_w),
+                threads,
+                features_shared,
+                logits_shared,
+            );
         }
         Ok(ModelOutput {
             logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
@@ -258,22 +286,41 @@ impl FastEngine {
     }
 
     /// The network on CHW images `input`, tiles spread over `threads` threads (1: this one).
-    fn forward_images(&self, input: &[&[f32]], (c, in_h, in_w): (usize, usize, usize), threads: usize, features: &mut [f32], logits: &mut [f32]) {
+    fn forward_images(
+        &self,
+        input: &[&[f32]],
+        (c, in_h, in_w): (usize, usize, usize),
+        threads: usize,
+        features: &mut [f32],
+        logits: &mut [f32],
+    ) {
         let batch = input.len();
-        let [mut a, mut b] = self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let [mut a, mut b] =
+            self.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         // Stem: 4x4 stride-4 patches straight from each image's CHW data, one segment per
         // (channel, row).
         let (mut h, mut w) = (in_h / 4, in_w / 4);
         let mut rows = batch * h * w;
         let stem = &self.stem;
-        self.strided_conv(grow(&mut a, rows * stem.w.n), batch * h, w, stem, threads, |row, list| {
-            let (b, i) = (row / h, row % h);
-            for ch in 0..c {
-                for di in 0..4 {
-                    list.push(Segment { ptr: input[b][(ch * in_h + 4 * i + di) * in_w..].as_ptr(), stride: 4, k: 4 });
+        self.strided_conv(
+            grow(&mut a, rows * stem.w.n),
+            batch * h,
+            w,
+            stem,
+            threads,
+            |row, list| {
+                let (b, i) = (row / h, row % h);
+                for ch in 0..c {
+                    for di in 0..4 {
+                        list.push(Segment {
+                            ptr: input[b][(ch * in_h + 4 * i + di) * in_w..].as_ptr(),
+                            stride: 4,
+                            k: 4,
+                        });
+                    }
                 }
-            }
-        });
+            },
+        );
         let (mut cur, mut next) = (&mut a, &mut b);
         for stage in &self.stages {
             if let Some(m) = &stage.merge {
@@ -284,12 +331,23 @@ impl FastEngine {
                 h /= 2;
                 w /= 2;
                 rows = batch * h * w;
-                self.strided_conv(grow(next, rows * m.w.n), batch * h, w, m, threads, |row, list| {
-                    let (b, i) = (row / h, row % h);
-                    for di in 0..2 {
-                        list.push(Segment { ptr: src[((b * ih + 2 * i + di) * iw) * cin..].as_ptr(), stride: 2 * cin, k: 2 * cin });
-                    }
-                });
+                self.strided_conv(
+                    grow(next, rows * m.w.n),
+                    batch * h,
+                    w,
+                    m,
+                    threads,
+                    |row, list| {
+                        let (b, i) = (row / h, row % h);
+                        for di in 0..2 {
+                            list.push(Segment {
+                                ptr: src[((b * ih + 2 * i + di) * iw) * cin..].as_ptr(),
+                                stride: 2 * cin,
+                                k: 2 * cin,
+                            });
+                        }
+                    },
+                );
                 std::mem::swap(&mut cur, &mut next);
             }
             for blk in &stage.blocks {
@@ -311,13 +369,22 @@ impl FastEngine {
     /// one matrix (k floats per pixel, against k n multiply-adds) for one product per tile, and
     /// a thread running its own images takes tiles of at least as many floats as the weights,
     /// as the blocks do.
-    fn strided_conv(&self, out: &mut [f32], image_rows: usize, w_out: usize, d: &Dense, threads: usize, segments: impl Fn(usize, &mut Vec<Segment>) + Sync) {
+    fn strided_conv(
+        &self,
+        out: &mut [f32],
+        image_rows: usize,
+        w_out: usize,
+        d: &Dense,
+        threads: usize,
+        segments: impl Fn(usize, &mut Vec<Segment>) + Sync,
+    ) {
         const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
         let (k, n) = (d.w.k, d.w.n);
         let out_ptr = Out(out.as_mut_ptr());
         let gather = k * n > GATHER_ABOVE_FLOATS;
         let row_floats = w_out * (k + n);
-        let min_rows = if gather && threads == 1 { (k * n).div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w_out));
+        let min_rows = if gather && threads == 1 { (k * n).div_ceil(row_floats) } else { 1 }
+            .max(16usize.div_ceil(w_out));
         for_each_tile(threads, tiles(image_rows, row_floats, min_rows, threads), |g| {
             let mut list = Vec::new();
             if !gather {
@@ -326,7 +393,16 @@ impl FastEngine {
                     segments(row, &mut list);
                     // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments
                     // cover the row's w_out patches.
-                    unsafe { matmul(w_out, &list, &d.w, out_ptr.at(row * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+                    unsafe {
+                        matmul(
+                            w_out,
+                            &list,
+                            &d.w,
+                            out_ptr.at(row * w_out * n),
+                            n,
+                            Epilogue::Bias(&d.bias, None),
+                        )
+                    };
                 }
                 return;
             }
@@ -343,7 +419,9 @@ impl FastEngine {
                                 dst.fill(0.0);
                             } else {
                                 // SAFETY: the caller's segments cover the row's w_out patches.
-                                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(s.ptr.add(p * s.stride), s.k) });
+                                dst.copy_from_slice(unsafe {
+                                    std::slice::from_raw_parts(s.ptr.add(p * s.stride), s.k)
+                                });
                             }
                         }
                         k0 += s.k;
@@ -351,7 +429,16 @@ impl FastEngine {
                 }
                 let a = [Segment { ptr: patches.as_ptr(), stride: k, k }];
                 // SAFETY: tiles are disjoint row ranges of `out`; `patches` holds the tile's.
-                unsafe { matmul(g.len() * w_out, &a, &d.w, out_ptr.at(g.start * w_out * n), n, Epilogue::Bias(&d.bias, None)) };
+                unsafe {
+                    matmul(
+                        g.len() * w_out,
+                        &a,
+                        &d.w,
+                        out_ptr.at(g.start * w_out * n),
+                        n,
+                        Epilogue::Bias(&d.bias, None),
+                    )
+                };
             });
         });
     }
@@ -372,19 +459,23 @@ impl FastEngine {
         // Winograd's tiles are made of row pairs; where tiles shared by several threads would
         // then hold unequal work (batch 1 of T0: 14 rows are 7 pairs, split 3 + 4), the direct
         // convolution's single rows split evenly.
-        let winograd = b.winograd.as_ref().filter(|_| threads == 1 || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(threads));
+        let winograd = b.winograd.as_ref().filter(|_| {
+            threads == 1 || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(threads)
+        });
         // A thread running its own images takes, per tile, at least as many floats of rows as
         // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
         // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
         // by several threads stay small, for balance.
         let partial = winograd.map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
         let weights = partial + b.fc1.k * b.fc1.n + b.fc2.k * b.fc2.n;
-        let min_rows = if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
+        let min_rows =
+            if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(16usize.div_ceil(w));
         // Tiles are made of groups of whole image rows: pairs for Winograd's 2x2 output blocks.
         let group = if winograd.is_some() { winograd::ROWS } else { 1 };
         let groups_per_image = h.div_ceil(group);
         let first_row = |g: usize| g / groups_per_image * h + g % groups_per_image * group;
-        let tiles = tiles(images * groups_per_image, group * row_floats, min_rows.div_ceil(group), threads);
+        let tiles =
+            tiles(images * groups_per_image, group * row_floats, min_rows.div_ceil(group), threads);
         for_each_tile(threads, tiles, |groups| {
             let g = first_row(groups.start)..first_row(groups.end);
             SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
@@ -399,18 +490,39 @@ impl FastEngine {
                 // SAFETY: tiles are disjoint row ranges of `out`; x and out never alias; the
                 // scratch tiles cover the tile's rows.
                 unsafe {
-                    let spatial_mixing = [Segment { ptr: mixed.as_ptr(), stride: cp, k: cp }, Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp }];
-                    let fc1_epilogue = if bf16_gelu { Epilogue::BiasGeluBf16(&b.fc1_bias) } else { Epilogue::Bias(&b.fc1_bias, Some(act)) };
+                    let spatial_mixing = [
+                        Segment { ptr: mixed.as_ptr(), stride: cp, k: cp },
+                        Segment { ptr: x_tile.add(cp), stride: dim, k: dim - cp },
+                    ];
+                    let fc1_epilogue = if bf16_gelu {
+                        Epilogue::BiasGeluBf16(&b.fc1_bias)
+                    } else {
+                        Epilogue::Bias(&b.fc1_bias, Some(act))
+                    };
                     matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, fc1_epilogue);
                     let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
-                    matmul(n, &hidden, &b.fc2, out_ptr.at(g.start * w * dim), dim, Epilogue::Residual(x_tile));
+                    matmul(
+                        n,
+                        &hidden,
+                        &b.fc2,
+                        out_ptr.at(g.start * w * dim),
+                        dim,
+                        Epilogue::Residual(x_tile),
+                    );
                 }
             })
         });
     }
 
     /// Global average pool, conv_head + activation, classifier.
-    fn head(&self, x: &[f32], batch: usize, pixels: usize, features: &mut [f32], logits: &mut [f32]) {
+    fn head(
+        &self,
+        x: &[f32],
+        batch: usize,
+        pixels: usize,
+        features: &mut [f32],
+        logits: &mut [f32],
+    ) {
         let c = x.len() / (batch * pixels);
         let mut pooled = vec![0f32; batch * c];
         for (b, p) in pooled.chunks_exact_mut(c).enumerate() {
@@ -422,9 +534,23 @@ impl FastEngine {
         let (f, k) = (self.head.w.n, self.classifier.w.n);
         // SAFETY: the buffers hold `batch` rows of the stated widths.
         unsafe {
-            matmul(batch, &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }], &self.head.w, features.as_mut_ptr(), f, Epilogue::Bias(&self.head.bias, Some(self.act)));
+            matmul(
+                batch,
+                &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }],
+                &self.head.w,
+                features.as_mut_ptr(),
+                f,
+                Epilogue::Bias(&self.head.bias, Some(self.act)),
+            );
             let a = [Segment { ptr: features.as_ptr(), stride: f, k: f }];
-            matmul(batch, &a, &self.classifier.w, logits.as_mut_ptr(), k, Epilogue::Bias(&self.classifier.bias, None));
+            matmul(
+                batch,
+                &a,
+                &self.classifier.w,
+                logits.as_mut_ptr(),
+                k,
+                Epilogue::Bias(&self.classifier.bias, None),
+            );
         }
     }
 }
@@ -436,7 +562,14 @@ impl FastEngine {
 /// tile's in one product into `edge_out`. With AVX512-BF16 weights, the cp channels of the tile's
 /// rows and their neighbours are converted once, for the nine taps to read as shifted segments
 /// (AMX weights convert the nine taps into their own staging rows).
-fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<usize>, [col, edge_out]: [&mut Vec<f32>; 2], mixed: &mut [f32]) {
+fn partial_conv_direct(
+    b: &Block,
+    x: &[f32],
+    (h, w): (usize, usize),
+    g: Range<usize>,
+    [col, edge_out]: [&mut Vec<f32>; 2],
+    mixed: &mut [f32],
+) {
     let (dim, cp) = (b.dim, b.cp);
     let image_rows = x.len() / (dim * w);
     let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
@@ -452,7 +585,13 @@ fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<us
         if b.partial.takes_bf16_segments() && w > 2 && cp % 2 == 0 {
             xb = SCRATCH_BF16.take();
             xb.resize(xb.len().max(bf16_rows * w * cp), 0);
-            to_bf16_rows(x.as_ptr().add(bf16_from * w * dim), dim, bf16_rows * w, cp, xb.as_mut_ptr());
+            to_bf16_rows(
+                x.as_ptr().add(bf16_from * w * dim),
+                dim,
+                bf16_rows * w,
+                cp,
+                xb.as_mut_ptr(),
+            );
         }
         for (t, row) in g.clone().enumerate() {
             let i = row % h;
@@ -464,7 +603,11 @@ fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<us
                     if outside(di) {
                         SegmentBf16::zeros(cp)
                     } else {
-                        SegmentBf16 { ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp), stride: cp, k: cp }
+                        SegmentBf16 {
+                            ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp),
+                            stride: cp,
+                            k: cp,
+                        }
                     }
                 });
                 matmul_bf16(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
@@ -474,7 +617,11 @@ fn partial_conv_direct(b: &Block, x: &[f32], (h, w): (usize, usize), g: Range<us
                     if outside(di) {
                         Segment::zeros(cp)
                     } else {
-                        Segment { ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim), stride: dim, k: cp }
+                        Segment {
+                            ptr: x.as_ptr().add(((row + di - 1) * w + dj) * dim),
+                            stride: dim,
+                            k: cp,
+                        }
                     }
                 });
                 matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
@@ -502,13 +649,29 @@ mod tests {
 
     #[test]
     fn tiles_cover_the_rows_in_near_equal_sizes_split_evenly_between_threads() {
-        for (rows, width, min_rows, threads) in [(14, 15_232, 2, 2), (7, 15_232, 3, 2), (56, 15_232, 1, 1), (28, 1000, 2, 2), (5, 10, 16, 2), (3, 100_000, 1, 4)] {
+        for (rows, width, min_rows, threads) in [
+            (14, 15_232, 2, 2),
+            (7, 15_232, 3, 2),
+            (56, 15_232, 1, 1),
+            (28, 1000, 2, 2),
+            (5, 10, 16, 2),
+            (3, 100_000, 1, 4),
+        ] {
             let t = tiles(rows, width, min_rows, threads);
             let sizes: Vec<usize> = t.iter().map(|r| r.len()).collect();
             assert_eq!(t.first().unwrap().start, 0);
-            assert!(t.windows(2).all(|p| p[0].end == p[1].start) && t.last().unwrap().end == rows, "{t:?}");
-            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{rows} rows: {sizes:?}");
-            assert!(sizes.iter().all(|&s| s >= min_rows.min(rows)), "{rows} rows, min {min_rows}: {sizes:?}");
+            assert!(
+                t.windows(2).all(|p| p[0].end == p[1].start) && t.last().unwrap().end == rows,
+                "{t:?}"
+            );
+            assert!(
+                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                "{rows} rows: {sizes:?}"
+            );
+            assert!(
+                sizes.iter().all(|&s| s >= min_rows.min(rows)),
+                "{rows} rows, min {min_rows}: {sizes:?}"
+            );
             if t.len().is_multiple_of(2) && threads == 2 {
                 let half: usize = sizes[..t.len() / 2].iter().sum();
                 assert!(half.abs_diff(rows - half) <= 1, "{rows} rows: {sizes:?}");
@@ -524,17 +687,30 @@ mod tests {
     fn engines_agree_for_every_split(got: Kernels, want: Kernels, tolerance: f32) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for variant in [Variant::T0, Variant::T2] {
-            let weights = FasterNetWeights::random(&FasterNetConfig::preset(variant, 10), 7).unwrap();
-            let (engine, reference) = (FastEngine::with_kernels(&weights, got).unwrap(), FastEngine::with_kernels(&weights, want).unwrap());
+            let weights =
+                FasterNetWeights::random(&FasterNetConfig::preset(variant, 10), 7).unwrap();
+            let (engine, reference) = (
+                FastEngine::with_kernels(&weights, got).unwrap(),
+                FastEngine::with_kernels(&weights, want).unwrap(),
+            );
             for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
                 let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
-                let (out, expected) = pool.install(|| (engine.forward_each(&images).unwrap(), reference.forward_each(&images).unwrap()));
-                let logits = |o: ModelOutput| o.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (out, expected) = pool.install(|| {
+                    (
+                        engine.forward_each(&images).unwrap(),
+                        reference.forward_each(&images).unwrap(),
+                    )
+                });
+                let logits =
+                    |o: ModelOutput| o.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (out, expected) = (logits(out), logits(expected));
                 let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let diff = out.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff <= tolerance * scale, "{got:?} {variant} {b}x{h}x{w}: {diff} (scale {scale})");
+                assert!(
+                    diff <= tolerance * scale,
+                    "{got:?} {variant} {b}x{h}x{w}: {diff} (scale {scale})"
+                );
             }
         }
     }

@@ -38,7 +38,8 @@ impl Winograd {
     /// `w`: the (cp_out, cp_in, 3, 3) convolution, row-major.
     pub fn new(w: &[f32], cp: usize, kernels: Kernels) -> Self {
         assert_eq!(w.len(), cp * cp * 9, "partial convolution shape");
-        const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+        const G: [[f64; 3]; 4] =
+            [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
         let mut u = vec![vec![0f32; cp * cp]; 16];
         for o in 0..cp {
             for i in 0..cp {
@@ -62,7 +63,13 @@ impl Winograd {
     /// `h` x `w` pixels, `dim` channels, the first cp convolved) into `out` (rows x w pixels
     /// of cp channels). `rows` starts on an even row of an image and ends on one or at the end
     /// of an image.
-    pub fn run(&self, x: &[f32], (h, w, dim): (usize, usize, usize), rows: Range<usize>, out: &mut [f32]) {
+    pub fn run(
+        &self,
+        x: &[f32],
+        (h, w, dim): (usize, usize, usize),
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
         let cp = self.cp;
         debug_assert!((rows.start % h).is_multiple_of(ROWS) && out.len() >= rows.len() * w * cp);
         // Patch t covers output rows r, r + 1 and columns j, j + 1, in the order of `out`. Row
@@ -90,7 +97,16 @@ impl Winograd {
                 for (xi, u) in self.u.iter().enumerate() {
                     let a = [Segment { ptr: v[xi * cp..].as_ptr(), stride: 16 * cp, k: cp }];
                     // SAFETY: `v` and `m` hold `group.len()` patches of 16 cp floats each.
-                    unsafe { matmul(group.len(), &a, u, m[xi * cp..].as_mut_ptr(), 16 * cp, Epilogue::Store) };
+                    unsafe {
+                        matmul(
+                            group.len(),
+                            &a,
+                            u,
+                            m[xi * cp..].as_mut_ptr(),
+                            16 * cp,
+                            Epilogue::Store,
+                        )
+                    };
                 }
                 for (t, (r, j)) in group.clone().map(patch_at).enumerate() {
                     output_transform(&m[t * 16 * cp..(t + 1) * 16 * cp], patch);
@@ -98,7 +114,8 @@ impl Winograd {
                     for di in 0..(h - i).min(2) {
                         let pixels = (w - j).min(2);
                         let at = ((r + di - rows.start) * w + j) * cp;
-                        out[at..at + pixels * cp].copy_from_slice(&patch[di * 2 * cp..][..pixels * cp]);
+                        out[at..at + pixels * cp]
+                            .copy_from_slice(&patch[di * 2 * cp..][..pixels * cp]);
                     }
                 }
             }
@@ -198,7 +215,8 @@ mod tests {
     #[test]
     fn matches_a_direct_convolution() {
         let (cp, dim, images) = (24, 40, 2);
-        let value = |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 1999) as f32 / 1000.0 - 1.0;
+        let value =
+            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 1999) as f32 / 1000.0 - 1.0;
         let g: Vec<f32> = (0..cp * cp * 9).map(|i| value(i, 1)).collect();
         for kernels in [Kernels::detect(), Kernels::Portable] {
             let winograd = Winograd::new(&g, cp, kernels);
@@ -211,7 +229,9 @@ mod tests {
                         let (si, sj) = ((i + di).wrapping_sub(1), (j + dj).wrapping_sub(1));
                         if si < h && sj < w {
                             let px = &x[((image * h + si) * w + sj) * dim..];
-                            sum += (0..cp).map(|c| g[(o * cp + c) * 9 + tap] as f64 * px[c] as f64).sum::<f64>();
+                            sum += (0..cp)
+                                .map(|c| g[(o * cp + c) * 9 + tap] as f64 * px[c] as f64)
+                                .sum::<f64>();
                         }
                     }
                     sum
