@@ -6,18 +6,36 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::labels::Labels;
-use crate::model::{Checkpoint, Engine, FasterNet, HubConfig, ModelError, ModelOutput, Variant};
+use crate::model::{
+    Checkpoint, Engine, FasterNet, FasterNetConfig, HubConfig, ModelError, ModelOutput, Variant,
+};
 use crate::preprocess::{ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS};
 
 /// Where the bundled model lives, relative to the working directory.
 pub const BUNDLED_WEIGHTS: &str = "weights";
 
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Prediction {
     pub label: String,
     pub class_index: usize,
     /// Softmax probability.
     pub score: f32,
+}
+
+/// What the caller of one image wants from its forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// The `top_k` most probable labels.
+    Classify { top_k: usize },
+    /// The pre-logits feature vector, scaled to unit L2 norm if asked.
+    Embed { normalize: bool },
+}
+
+/// One image's answer to its [`Task`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Predictions(Vec<Prediction>),
+    Embedding(Vec<f32>),
 }
 
 /// How to load a classifier.
@@ -62,7 +80,7 @@ impl Classifier {
         let (model, hub, source) = match options.random_init {
             // Random weights behave like a tagless ImageNet checkpoint named `.random`.
             Some(variant) => {
-                let config = crate::model::FasterNetConfig::preset(variant, 1000);
+                let config = FasterNetConfig::preset(variant, 1000);
                 let model = FasterNet::with_engine(
                     crate::model::FasterNetWeights::random(&config, 0)?,
                     options.engine,
@@ -77,19 +95,17 @@ impl Classifier {
                 let hub = checkpoint.hub_config.clone().unwrap_or_default();
                 let num_classes_hint =
                     checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
-                let config = options
-                    .variant
-                    .map(|v| crate::model::FasterNetConfig::preset(v, num_classes_hint));
+                let config = options.variant.map(|v| FasterNetConfig::preset(v, num_classes_hint));
                 (FasterNet::from_checkpoint(checkpoint, config, options.engine)?, hub, source)
             }
         };
         let bad_config = |reason: String| ModelError::checkpoint(&source, reason);
         check_hub_config(&hub, model.config()).map_err(bad_config)?;
-        let mut preprocess = PreprocessConfig::from_hub(&hub).map_err(bad_config)?;
+        let mut preprocess = preprocess_config(&hub).map_err(bad_config)?;
         if let Some(crop_pct) = options.crop_pct {
             preprocess.crop_pct = crop_pct;
-            preprocess.validate().map_err(bad_config)?;
         }
+        check_preprocess_config(&preprocess).map_err(bad_config)?;
         let labels = Labels::new(model.config().num_classes, hub.label_names.as_deref())
             .map_err(bad_config)?;
         let name = match &hub.pretrained_cfg.tag {
@@ -149,30 +165,56 @@ impl Classifier {
         self.model.forward_each(images)
     }
 
+    /// One forward pass over prepared images, each answered for its own task. Only the
+    /// outputs some task needs are computed and copied out of the batch.
+    pub fn run(&self, images: &[Tensor], tasks: &[Task]) -> Result<Vec<Outcome>, ModelError> {
+        if images.len() != tasks.len() {
+            return Err(ModelError::Input(format!(
+                "{} images but {} tasks",
+                images.len(),
+                tasks.len()
+            )));
+        }
+        let output = self.forward(images)?;
+        let classifies = |t: &Task| matches!(t, Task::Classify { .. });
+        let probabilities = match tasks.iter().any(classifies) {
+            true => output.probabilities()?.to_vec2::<f32>()?,
+            false => Vec::new(),
+        };
+        let mut features = match tasks.iter().all(classifies) {
+            true => Vec::new(),
+            false => output.features.to_vec2::<f32>()?,
+        };
+        let outcomes = tasks.iter().enumerate().map(|(i, task)| match *task {
+            Task::Classify { top_k } => Outcome::Predictions(self.top_k(&probabilities[i], top_k)),
+            Task::Embed { normalize } => {
+                let mut f = std::mem::take(&mut features[i]);
+                if normalize {
+                    normalize_l2(&mut f);
+                }
+                Outcome::Embedding(f)
+            }
+        });
+        Ok(outcomes.collect())
+    }
+
     /// Top-k predictions per image, highest probability first.
     pub fn classify(
         &self,
         images: &[Tensor],
         top_k: usize,
     ) -> Result<Vec<Vec<Prediction>>, ModelError> {
-        let probs = self.forward(images)?.probabilities()?.to_vec2::<f32>()?;
-        Ok(probs.iter().map(|p| self.top_k(p, top_k)).collect())
+        let tasks = vec![Task::Classify { top_k }; images.len()];
+        Ok(self.run(images, &tasks)?.into_iter().filter_map(Outcome::predictions).collect())
     }
 
     /// Pre-logits feature vectors, optionally scaled to unit L2 norm.
-    pub fn embed(
-        &self,
-        images: &[Tensor],
-        l2_normalize: bool,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut features = self.forward(images)?.features.to_vec2::<f32>()?;
-        if l2_normalize {
-            features.iter_mut().for_each(|f| normalize_l2(f));
-        }
-        Ok(features)
+    pub fn embed(&self, images: &[Tensor], normalize: bool) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tasks = vec![Task::Embed { normalize }; images.len()];
+        Ok(self.run(images, &tasks)?.into_iter().filter_map(Outcome::embedding).collect())
     }
 
-    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+    fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
         let mut order: Vec<usize> = (0..probabilities.len()).collect();
         order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
         order
@@ -187,9 +229,25 @@ impl Classifier {
     }
 }
 
+impl Outcome {
+    pub fn predictions(self) -> Option<Vec<Prediction>> {
+        match self {
+            Self::Predictions(p) => Some(p),
+            Self::Embedding(_) => None,
+        }
+    }
+
+    pub fn embedding(self) -> Option<Vec<f32>> {
+        match self {
+            Self::Embedding(e) => Some(e),
+            Self::Predictions(_) => None,
+        }
+    }
+}
+
 /// config.json must describe the checkpoint it comes with: a wrong class count or
 /// architecture there means mislabelled answers or a wrong preprocessing, served silently.
-fn check_hub_config(hub: &HubConfig, model: &crate::model::FasterNetConfig) -> Result<(), String> {
+fn check_hub_config(hub: &HubConfig, model: &FasterNetConfig) -> Result<(), String> {
     if let Some(named) = hub.architecture.as_deref() {
         match (named.parse::<Variant>(), model.variant()) {
             (Ok(said), Some(found)) if said != found => {
@@ -213,8 +271,92 @@ fn check_hub_config(hub: &HubConfig, model: &crate::model::FasterNetConfig) -> R
     Ok(())
 }
 
+/// The ImageNet defaults overridden by whatever config.json's pretrained_cfg sets.
+fn preprocess_config(hub: &HubConfig) -> Result<PreprocessConfig, String> {
+    let cfg = &hub.pretrained_cfg;
+    let mut out = PreprocessConfig::imagenet();
+    if let Some(size) = &cfg.input_size {
+        match size.as_slice() {
+            [3, h, w] | [h, w] => out.input_size = (*h, *w),
+            other => return Err(format!("pretrained_cfg.input_size {other:?} is not [3, H, W]")),
+        }
+    }
+    let three = |v: &Option<Vec<f32>>, name: &str| -> Result<Option<[f32; 3]>, String> {
+        v.as_ref()
+            .map(|v| {
+                <[f32; 3]>::try_from(v.as_slice())
+                    .map_err(|_| format!("pretrained_cfg.{name} needs 3 values"))
+            })
+            .transpose()
+    };
+    out.mean = three(&cfg.mean, "mean")?.unwrap_or(out.mean);
+    out.std = three(&cfg.std, "std")?.unwrap_or(out.std);
+    out.crop_pct = cfg.crop_pct.unwrap_or(out.crop_pct);
+    if let Some(i) = &cfg.interpolation {
+        out.interpolation = i.parse()?;
+    }
+    Ok(out)
+}
+
+/// What preprocessing itself requires, and an input size the network takes.
+fn check_preprocess_config(config: &PreprocessConfig) -> Result<(), String> {
+    config.validate()?;
+    let (min, max) = (FasterNetConfig::MIN_INPUT_SIDE, FasterNetConfig::MAX_INPUT_SIDE);
+    let (h, w) = config.input_size;
+    if h < min || w < min || h > max || w > max {
+        return Err(format!("input size {h}x{w} is outside {min}x{min} to {max}x{max}"));
+    }
+    Ok(())
+}
+
 /// Scales a vector to unit L2 norm (a zero vector stays zero).
-pub fn normalize_l2(v: &mut [f32]) {
+fn normalize_l2(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.iter_mut().for_each(|x| *x /= norm);
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn each_image_in_a_batch_gets_the_answer_to_its_own_task() {
+        let classifier = Classifier::load(&LoadOptions::default()).unwrap();
+        let (h, w) = classifier.preprocessor().config.input_size;
+        let images: Vec<Tensor> =
+            (0..4).map(|_| Tensor::randn(0f32, 1.0, (3, h, w), &Device::Cpu).unwrap()).collect();
+        let tasks = [
+            Task::Classify { top_k: 3 },
+            Task::Embed { normalize: true },
+            Task::Classify { top_k: 1 },
+            Task::Embed { normalize: false },
+        ];
+        let mixed = classifier.run(&images, &tasks).unwrap();
+        // The oracle: the batch's own rows.
+        let output = classifier.forward(&images).unwrap();
+        let probabilities = output.probabilities().unwrap().to_vec2::<f32>().unwrap();
+        let features = output.features.to_vec2::<f32>().unwrap();
+        let best = |row: &[f32], k: usize| -> Vec<(usize, f32)> {
+            let mut order: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+            order.sort_by(|a, b| b.1.total_cmp(&a.1));
+            order.truncate(k);
+            order
+        };
+        let answered = |outcome: &Outcome| -> Vec<(usize, f32)> {
+            let predictions = outcome.clone().predictions().expect("predictions");
+            predictions.iter().map(|p| (p.class_index, p.score)).collect()
+        };
+        assert_eq!(answered(&mixed[0]), best(&probabilities[0], 3));
+        assert_eq!(answered(&mixed[2]), best(&probabilities[2], 1));
+        let unit = mixed[1].clone().embedding().expect("an embedding");
+        let norm = features[1].iter().map(|x| x * x).sum::<f32>().sqrt();
+        let expected: Vec<f32> = features[1].iter().map(|x| x / norm).collect();
+        assert!(unit.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert_eq!(mixed[3], Outcome::Embedding(features[3].clone()));
+        let label = classifier.labels().get(best(&probabilities[2], 1)[0].0).to_string();
+        assert_eq!(mixed[2].clone().predictions().unwrap()[0].label, label);
+        assert!(classifier.run(&images, &tasks[..2]).is_err(), "a task per image");
+    }
 }

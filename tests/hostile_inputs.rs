@@ -158,19 +158,18 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     ];
     let rotated = common::with_exif_orientation(&out.last().unwrap().1, 6);
     out.push(("rotated.jpg".to_string(), rotated));
-    // An animation: only its first frame is decoded, so 200 frames cost what one does.
-    let mut animation = Vec::new();
-    let frame = image::Frame::new(image::imageops::resize(
-        &photo.to_rgba8(),
-        100,
-        75,
-        image::imageops::FilterType::Nearest,
-    ));
-    image::codecs::gif::GifEncoder::new(&mut animation)
-        .encode_frames(std::iter::repeat_n(frame, 200))
-        .unwrap();
-    out.push(("200 frames.gif".to_string(), animation));
     out
+}
+
+/// An animation of 200 frames: only its first frame is decoded, so it costs what one does.
+/// (Cut after its first frame it is still a valid image, so it is not among `generated`.)
+fn animation() -> (String, Vec<u8>) {
+    let photo = image::RgbaImage::from_fn(100, 75, |x, y| image::Rgba([x as u8, y as u8, 90, 255]));
+    let mut animation = Vec::new();
+    image::codecs::gif::GifEncoder::new(&mut animation)
+        .encode_frames(std::iter::repeat_n(image::Frame::new(photo), 200))
+        .unwrap();
+    ("200 frames.gif".to_string(), animation)
 }
 
 #[test]
@@ -181,6 +180,7 @@ fn preparing_an_image_never_allocates_more_than_its_plan() {
         .into_iter()
         .chain(fixtures("preprocess/inputs"))
         .chain(generated())
+        .chain([animation()])
         .collect();
     for (name, bytes) in &images {
         for (config, pre) in [("224", imagenet()), ("64", bundled())] {

@@ -32,7 +32,7 @@
 #   --bench-seconds S       model-only measurement time        (5)
 #   --ready-timeout S       seconds to wait for /readyz        (180)
 #   --bin PATH              server binary (target/release/fasternet-serve)
-#   --markdown              print Markdown tables for README plus the machine
+#   --markdown              print Markdown tables for docs/performance.md plus the machine
 #
 # Requires wrk (Debian: apt-get install -y wrk), curl and awk.
 #

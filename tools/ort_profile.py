@@ -7,7 +7,7 @@ bench.py with the onnxruntime engine once first) with the same session options a
 `enable_profiling`, then prints ms per batch for each stage's merge (downsampling), partial
 convolution (with its Split/Concat) and two 1x1 convolutions, and everything else ("-": the stem,
 layout reorders between the partial convolutions' Split/Concat and the NCHWc convolutions, the
-head). docs/performance.md compares these with the fast engine's stage timers.
+head). docs/benchmark-log.md compares these with the fast engine's stage timers.
 """
 import argparse
 import collections

@@ -3,7 +3,7 @@ shorter side is the model's resize target, floor(224 / 0.9) = 248 for the ImageN
 
     .venv/bin/python tools/resized_upload.py SRC DST [--short-side 248]
 
-Used for the "pre-sized JPEG" rows of the load-test table in README.md, e.g. with
+Used for the "pre-sized JPEG" rows of the load-test table in docs/performance.md, e.g. with
 skimage's chelsea.png as SRC and `tools/loadtest.sh --models t0 --image DST`.
 """
 import argparse

@@ -143,26 +143,71 @@ impl std::fmt::Display for Engine {
     }
 }
 
+/// What every engine does: a forward pass over the folded weights.
+trait Forward: Send + Sync {
+    /// `images`: (3, H, W) f32 images of one shape, checked by [`FasterNet`].
+    fn forward_each(
+        &self,
+        weights: &FasterNetWeights,
+        images: &[Tensor],
+    ) -> Result<ModelOutput, ModelError>;
+
+    /// The CPU kernels behind it, for logs and benchmark headers.
+    fn kernels(&self) -> &'static str;
+}
+
+impl Forward for fast::FastEngine {
+    /// The fast engine packed its own copy of the weights when it was built.
+    fn forward_each(
+        &self,
+        _: &FasterNetWeights,
+        images: &[Tensor],
+    ) -> Result<ModelOutput, ModelError> {
+        fast::FastEngine::forward_each(self, images)
+    }
+
+    fn kernels(&self) -> &'static str {
+        fast::FastEngine::kernels(self)
+    }
+}
+
+/// Stock candle ops on a stacked NCHW batch (`reference` module).
+struct Reference;
+
+impl Forward for Reference {
+    fn forward_each(
+        &self,
+        weights: &FasterNetWeights,
+        images: &[Tensor],
+    ) -> Result<ModelOutput, ModelError> {
+        Ok(reference::forward(weights, &Tensor::stack(images, 0)?)?)
+    }
+
+    fn kernels(&self) -> &'static str {
+        "candle ops"
+    }
+}
+
 /// A FasterNet ready for inference.
 pub struct FasterNet {
     weights: FasterNetWeights,
     engine: Engine,
-    fast: Option<fast::FastEngine>,
+    forward: Box<dyn Forward>,
 }
 
 impl FasterNet {
     pub fn with_engine(weights: FasterNetWeights, engine: Engine) -> Result<Self, ModelError> {
-        let fast = match engine {
-            Engine::Fast => Some(fast::FastEngine::new(&weights)?),
-            Engine::FastBf16 => Some(fast::FastEngine::new_bf16(&weights)?),
-            Engine::Reference => None,
+        let forward: Box<dyn Forward> = match engine {
+            Engine::Fast => Box::new(fast::FastEngine::new(&weights)?),
+            Engine::FastBf16 => Box::new(fast::FastEngine::new_bf16(&weights)?),
+            Engine::Reference => Box::new(Reference),
         };
-        Ok(Self { weights, engine, fast })
+        Ok(Self { weights, engine, forward })
     }
 
     /// The CPU kernels behind the engine, for logs and benchmark headers.
     pub fn kernels(&self) -> &'static str {
-        self.fast.as_ref().map_or("candle ops", |f| f.kernels())
+        self.forward.kernels()
     }
 
     pub fn engine(&self) -> Engine {
@@ -227,19 +272,15 @@ impl FasterNet {
     /// `x`: (batch, 3, H, W) f32 with H, W >= 32, normalised as the checkpoint expects.
     pub fn forward(&self, x: &Tensor) -> Result<ModelOutput, ModelError> {
         self.check_input(x)?;
-        let x = x.to_dtype(candle_core::DType::F32)?;
-        match &self.fast {
-            Some(engine) => engine
-                .forward_each(&(0..x.dim(0)?).map(|i| x.get(i)).collect::<Result<Vec<_>, _>>()?),
-            None => Ok(reference::forward(&self.weights, &x)?),
-        }
+        let images = (0..x.dim(0)?).map(|i| x.get(i)).collect::<Result<Vec<_>, _>>()?;
+        self.forward_each(&images)
     }
 
     /// `forward` on a batch given as separate (3, H, W) images of one shape: the fast engine
     /// reads each where it lies instead of a stacked copy.
     pub fn forward_each(&self, images: &[Tensor]) -> Result<ModelOutput, ModelError> {
-        let (Some(first), Some(engine)) = (images.first(), &self.fast) else {
-            return self.forward(&Tensor::stack(images, 0)?);
+        let Some(first) = images.first() else {
+            return Err(ModelError::Input("no images".into()));
         };
         if images.iter().any(|x| x.dims() != first.dims()) || first.rank() != 3 {
             return Err(ModelError::Input("expected (3, H, W) images of one shape".into()));
@@ -250,7 +291,7 @@ impl FasterNet {
             .iter()
             .map(|x| x.to_dtype(candle_core::DType::F32))
             .collect::<Result<Vec<_>, _>>()?;
-        engine.forward_each(&images)
+        self.forward.forward_each(&self.weights, &images)
     }
 }
 

@@ -25,7 +25,7 @@ pub fn forward(w: &FasterNetWeights, x: &Tensor) -> Result<ModelOutput> {
     Ok(ModelOutput { logits, features })
 }
 
-/// x + fc2(act(fc1([pconv(x[:cp]), x[cp:]]))), with fc1 applied to the two channel groups
+/// `x + fc2(act(fc1([pconv(x[:cp]), x[cp:]])))`, with fc1 applied to the two channel groups
 /// separately so the convolved channels are never concatenated back into a full tensor.
 fn block(x: &Tensor, b: &BlockWeights, act: Activation) -> Result<Tensor> {
     let dim = x.dim(1)?;

@@ -13,8 +13,6 @@ pub use decode::{
     decode, Header, ImageError, DEFAULT_MAX_PIXELS, HEADER_READ_BYTES, METADATA_LIMIT,
 };
 
-use crate::model::HubConfig;
-
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// The official FasterNet evaluation crop (timm's `test_crop_pct`): 224 px from a 248 px resize.
@@ -64,44 +62,12 @@ impl PreprocessConfig {
         }
     }
 
-    /// The ImageNet defaults overridden by whatever a hub config.json's pretrained_cfg sets.
-    pub fn from_hub(hub: &HubConfig) -> Result<Self, String> {
-        let cfg = &hub.pretrained_cfg;
-        let mut out = Self::imagenet();
-        if let Some(size) = &cfg.input_size {
-            match size.as_slice() {
-                [3, h, w] | [h, w] => out.input_size = (*h, *w),
-                other => {
-                    return Err(format!("pretrained_cfg.input_size {other:?} is not [3, H, W]"))
-                }
-            }
-        }
-        let three = |v: &Option<Vec<f32>>, name: &str| -> Result<Option<[f32; 3]>, String> {
-            v.as_ref()
-                .map(|v| {
-                    <[f32; 3]>::try_from(v.as_slice())
-                        .map_err(|_| format!("pretrained_cfg.{name} needs 3 values"))
-                })
-                .transpose()
-        };
-        out.mean = three(&cfg.mean, "mean")?.unwrap_or(out.mean);
-        out.std = three(&cfg.std, "std")?.unwrap_or(out.std);
-        out.crop_pct = cfg.crop_pct.unwrap_or(out.crop_pct);
-        if let Some(i) = &cfg.interpolation {
-            out.interpolation = i.parse()?;
-        }
-        out.validate()?;
-        Ok(out)
-    }
-
+    /// Checks what preprocessing alone requires; the model bounds the input size
+    /// (see `Classifier::load`).
     pub fn validate(&self) -> Result<(), String> {
-        let (min, max) = (
-            crate::model::FasterNetConfig::MIN_INPUT_SIDE,
-            crate::model::FasterNetConfig::MAX_INPUT_SIDE,
-        );
         let (h, w) = self.input_size;
-        if h < min || w < min || h > max || w > max {
-            return Err(format!("input size {h}x{w} is outside {min}x{min} to {max}x{max}"));
+        if h == 0 || w == 0 {
+            return Err(format!("input size {h}x{w} is empty"));
         }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 2.0) {
             return Err(format!("crop_pct {} must be in (0, 2]", self.crop_pct));

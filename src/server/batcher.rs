@@ -13,30 +13,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::memory::Reservation;
 use super::metrics::Metrics;
+use crate::classifier::{Outcome, Task};
 use crate::Classifier;
 
-/// The worker's view of a model: a batch of prepared images in, one row per image out.
+/// The worker's view of a model: a batch of prepared images and their tasks in, one outcome
+/// per image out.
 pub trait Backend: Send + Sync + 'static {
-    fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String>;
+    fn infer(&self, images: &[Tensor], tasks: &[Task]) -> Result<Vec<Outcome>, String>;
     /// The (3, H, W) shape the model takes, for warm-up batches.
     fn input_shape(&self) -> (usize, usize, usize);
 }
 
-pub struct BatchOutput {
-    pub probabilities: Vec<Vec<f32>>,
-    pub features: Vec<Vec<f32>>,
-}
-
 impl Backend for Classifier {
-    fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
-        let run = || -> Result<BatchOutput, crate::model::ModelError> {
-            let out = self.forward(images)?;
-            Ok(BatchOutput {
-                probabilities: out.probabilities()?.to_vec2()?,
-                features: out.features.to_vec2()?,
-            })
-        };
-        run().map_err(|e| e.to_string())
+    fn infer(&self, images: &[Tensor], tasks: &[Task]) -> Result<Vec<Outcome>, String> {
+        self.run(images, tasks).map_err(|e| e.to_string())
     }
 
     fn input_shape(&self) -> (usize, usize, usize) {
@@ -48,14 +38,14 @@ impl Backend for Classifier {
 /// One image's result.
 #[derive(Debug)]
 pub struct Answer {
-    pub probabilities: Vec<f32>,
-    pub features: Vec<f32>,
+    pub outcome: Outcome,
     pub queue_wait: Duration,
     pub inference: Duration,
 }
 
 pub struct Job {
     pub image: Tensor,
+    pub task: Task,
     /// The image's memory, given back when the job is dropped (after its forward pass, or
     /// unrun when its caller has gone).
     pub memory: Reservation,
@@ -137,8 +127,12 @@ pub fn warm_up(backend: &dyn Backend, max_batch_size: usize) -> Result<(), Strin
     let image = Tensor::zeros((c, h, w), candle_core::DType::F32, &Device::Cpu)
         .map_err(|e| e.to_string())?;
     for batch in sizes {
+        // Both outputs: one image is embedded, the others classified.
+        let mut tasks = vec![Task::Classify { top_k: 1 }; batch];
+        tasks[0] = Task::Embed { normalize: false };
         let start = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| backend.infer(&vec![image.clone(); batch]))) {
+        let images = vec![image.clone(); batch];
+        match catch_unwind(AssertUnwindSafe(|| backend.infer(&images, &tasks))) {
             Ok(Ok(_)) => {
                 tracing::info!(batch, ms = start.elapsed().as_millis() as u64, "warm-up pass")
             }
@@ -186,20 +180,18 @@ async fn run_worker(
 fn run_batch(backend: &dyn Backend, batch: Vec<Job>, metrics: &Metrics) {
     let started = Instant::now();
     let images: Vec<Tensor> = batch.iter().map(|job| job.image.clone()).collect();
-    let result = catch_unwind(AssertUnwindSafe(|| backend.infer(&images)))
+    let tasks: Vec<Task> = batch.iter().map(|job| job.task).collect();
+    let result = catch_unwind(AssertUnwindSafe(|| backend.infer(&images, &tasks)))
         .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
     let inference = started.elapsed();
     metrics.batch_size.observe(batch.len() as f64);
     metrics.inference_duration.observe(inference.as_secs_f64());
     match result {
-        Ok(out) if out.probabilities.len() == batch.len() && out.features.len() == batch.len() => {
-            for ((job, probabilities), features) in
-                batch.into_iter().zip(out.probabilities).zip(out.features)
-            {
+        Ok(outcomes) if outcomes.len() == batch.len() => {
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let queue_wait = started.saturating_duration_since(job.enqueued);
                 metrics.queue_wait.observe(queue_wait.as_secs_f64());
-                let _ =
-                    job.reply.send(Ok(Answer { probabilities, features, queue_wait, inference }));
+                let _ = job.reply.send(Ok(Answer { outcome, queue_wait, inference }));
             }
         }
         other => {
@@ -229,13 +221,28 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    /// Echoes each image's first value; panics on a batch holding the value 13.
+    /// What [`Fake`] answers for an image whose first value is `v`.
+    fn echo(v: f32, task: Task) -> Outcome {
+        match task {
+            Task::Classify { top_k } => Outcome::Predictions(vec![
+                crate::Prediction {
+                    label: v.to_string(),
+                    class_index: top_k,
+                    score: v
+                };
+                top_k
+            ]),
+            Task::Embed { .. } => Outcome::Embedding(vec![v, v]),
+        }
+    }
+
+    /// Echoes each image's first value for its task; panics on a batch holding the value 13.
     struct Fake {
         calls: AtomicUsize,
     }
 
     impl Backend for Fake {
-        fn infer(&self, images: &[Tensor]) -> Result<BatchOutput, String> {
+        fn infer(&self, images: &[Tensor], tasks: &[Task]) -> Result<Vec<Outcome>, String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let firsts: Vec<f32> = images
                 .iter()
@@ -244,10 +251,7 @@ mod tests {
             if firsts.contains(&13.0) {
                 panic!("unlucky batch");
             }
-            Ok(BatchOutput {
-                probabilities: firsts.iter().map(|&v| vec![v]).collect(),
-                features: firsts.iter().map(|&v| vec![v, v]).collect(),
-            })
+            Ok(firsts.iter().zip(tasks).map(|(&v, task)| echo(v, *task)).collect())
         }
         fn input_shape(&self) -> (usize, usize, usize) {
             (1, 1, 1)
@@ -267,6 +271,14 @@ mod tests {
         (b, h, metrics)
     }
 
+    /// Odd values are classified (top 2), even ones embedded.
+    fn task_for(v: f32) -> Task {
+        match v as usize % 2 {
+            1 => Task::Classify { top_k: 2 },
+            _ => Task::Embed { normalize: false },
+        }
+    }
+
     fn submit(b: &Batcher, values: &[f32]) -> Vec<oneshot::Receiver<Result<Answer, String>>> {
         let reservation = b.try_reserve(values.len()).expect("room in the queue");
         values
@@ -279,6 +291,7 @@ mod tests {
                     permit,
                     Job {
                         image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(),
+                        task: task_for(v),
                         memory,
                         enqueued: Instant::now(),
                         reply: tx,
@@ -296,8 +309,7 @@ mod tests {
         let receivers = submit(&b, &values);
         for (v, rx) in values.iter().zip(receivers) {
             let answer = rx.await.unwrap().unwrap();
-            assert_eq!(answer.probabilities, vec![*v]);
-            assert_eq!(answer.features, vec![*v, *v]);
+            assert_eq!(answer.outcome, echo(*v, task_for(*v)));
         }
         // 10 images with a maximum of 4: three forward passes (4 + 4 + 2).
         assert_eq!(metrics.batch_size.get_sample_count(), 3);
@@ -315,8 +327,8 @@ mod tests {
         }
         let good = submit(&b, &[2.0]);
         assert_eq!(
-            good.into_iter().next().unwrap().await.unwrap().unwrap().probabilities,
-            vec![2.0]
+            good.into_iter().next().unwrap().await.unwrap().unwrap().outcome,
+            Outcome::Embedding(vec![2.0, 2.0])
         );
         assert_eq!(metrics.worker_failures.get(), 1);
         drop(b);

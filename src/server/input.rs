@@ -265,7 +265,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// client still sending its body then reads the answer and can reuse the connection, where
 /// closing the connection under it would break its send and, with many clients, lose the
 /// answer. Bodies behind `Expect: 100-continue` are never drained: the client waits for a go
-/// it does not get. Bodies declared over [`DRAIN_BYTES`] are not either: the connection closes.
+/// it does not get. Bodies declared over `DRAIN_BYTES` are not either: the connection closes.
 pub fn drain_if_unread(headers: &HeaderMap, body: Body) -> Body {
     let expects_continue = headers
         .get(header::EXPECT)

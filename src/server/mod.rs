@@ -1,7 +1,9 @@
 //! The HTTP service: axum routes in front of a bounded queue and one inference worker.
 //!
 //! - [`listener`]: connections: their cap, timeouts and the drain on shutdown.
-//! - [`routes`]: handlers, middleware, OpenAPI.
+//! - [`routes`]: the router and the handlers.
+//! - [`middleware`]: request ids, JSON errors from the HTTP layers, API keys, request metrics.
+//! - [`api`]: the JSON types of the API and its OpenAPI document.
 //! - [`auth`]: optional API keys.
 //! - [`ui`]: the demo page.
 //! - [`input`]: request bodies to encoded images.
@@ -10,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the error enum and its status codes.
 
+pub mod api;
 pub mod auth;
 pub mod batcher;
 pub mod error;
@@ -17,6 +20,7 @@ pub mod input;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod middleware;
 pub mod routes;
 pub mod ui;
 

@@ -240,8 +240,8 @@ pub(super) fn bf16(x: f32) -> u16 {
 /// Widths, in vectors of 16 columns, of the panels that cover `n` columns: triples (48
 /// columns, a 9 x 3 register tile) and pairs (12 x 2) for what is left, so that no panel runs
 /// the lower-throughput single-vector tile except for n <= 16. The triple does 27 FMAs per 12
-/// loads (9 broadcasts, 3 weight vectors) where the pair does 24 per 14; on the Intel Xeon of
-/// docs/performance.md that made T2 5-8% faster.
+/// loads (9 broadcasts, 3 weight vectors) where the pair does 24 per 14 (measured in
+/// docs/benchmark-log.md).
 fn panel_vectors(n: usize) -> impl Iterator<Item = usize> {
     let (triples, pairs, singles) = match n.div_ceil(16) {
         0 => (0, 0, 0),

@@ -160,8 +160,8 @@ impl FastEngine {
 
     /// The network body's products on bf16 operands (fp32 accumulation, fp32 activations
     /// between layers), on AMX tiles where the CPU has them. The stem (2% of the work, and its
-    /// 4-wide input segments would cost more to convert than they save: on AMX, T0 batch 8
-    /// ran 3% slower with it), the head and the classifier (under 1%) stay fp32.
+    /// 4-wide input segments cost more to convert than they save), the head and the
+    /// classifier (under 1%) stay fp32.
     pub fn new_bf16(w: &FasterNetWeights) -> Result<Self, ModelError> {
         let kernels = Kernels::detect_bf16()
             .ok_or_else(|| ModelError::Config("the fast-bf16 engine needs a CPU with AVX512-BF16; this one has none (use the fast engine)".into()))?;
