@@ -99,39 +99,45 @@ pub unsafe fn matmul(
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
-    let (k, n) = (w.k, w.n);
-    let kp = k.next_multiple_of(K_STEP);
-    let row_blocks = m.div_ceil(TILE);
-    // Rows past m (up to the next 16) are multiplied but never stored: any values do.
-    avx512::with_bf16_rows(m, row_blocks * TILE, a, kp, |left| {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-        let mut sums = [0f32; 4 * TILE * TILE];
-        let col_blocks = n.div_ceil(TILE);
-        for jb in (0..col_blocks).step_by(2) {
-            let two_cols = jb + 1 < col_blocks;
-            let panel = data.as_ptr().add(jb * (kp / K_STEP) * WEIGHT_TILE);
-            for ib in (0..row_blocks).step_by(2) {
-                let two_rows = ib + 1 < row_blocks;
-                let x = left.add(ib * TILE * kp);
-                match (two_rows, two_cols) {
-                    (true, true) => block::<true, true>(x, kp, panel, sums.as_mut_ptr()),
-                    (true, false) => block::<true, false>(x, kp, panel, sums.as_mut_ptr()),
-                    (false, true) => block::<false, true>(x, kp, panel, sums.as_mut_ptr()),
-                    (false, false) => block::<false, false>(x, kp, panel, sums.as_mut_ptr()),
-                }
-                let (r0, j0) = (ib * TILE, jb * TILE);
-                for r in r0..m.min(r0 + 2 * TILE) {
-                    for j in (j0..n.min(j0 + 2 * TILE)).step_by(TILE) {
-                        let valid = (n - j).min(TILE);
-                        let mask: __mmask16 = if valid == TILE { 0xffff } else { (1 << valid) - 1 };
-                        let sum = _mm512_loadu_ps(sums.as_ptr().add((r - r0) * 2 * TILE + j - j0));
-                        avx512::finish(sum, mask, r, j, dst, dst_rs, epilogue);
+    // SAFETY: reached only through `TilesAmx` weights, packed when `Kernels::detect_bf16` found AMX
+    // granted to this process; the pointers are as `gemm::matmul`'s contract requires.
+    unsafe {
+        let (k, n) = (w.k, w.n);
+        let kp = k.next_multiple_of(K_STEP);
+        let row_blocks = m.div_ceil(TILE);
+        // Rows past m (up to the next 16) are multiplied but never stored: any values do.
+        avx512::with_bf16_rows(m, row_blocks * TILE, a, kp, |left| {
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+            let mut sums = [0f32; 4 * TILE * TILE];
+            let col_blocks = n.div_ceil(TILE);
+            for jb in (0..col_blocks).step_by(2) {
+                let two_cols = jb + 1 < col_blocks;
+                let panel = data.as_ptr().add(jb * (kp / K_STEP) * WEIGHT_TILE);
+                for ib in (0..row_blocks).step_by(2) {
+                    let two_rows = ib + 1 < row_blocks;
+                    let x = left.add(ib * TILE * kp);
+                    match (two_rows, two_cols) {
+                        (true, true) => block::<true, true>(x, kp, panel, sums.as_mut_ptr()),
+                        (true, false) => block::<true, false>(x, kp, panel, sums.as_mut_ptr()),
+                        (false, true) => block::<false, true>(x, kp, panel, sums.as_mut_ptr()),
+                        (false, false) => block::<false, false>(x, kp, panel, sums.as_mut_ptr()),
+                    }
+                    let (r0, j0) = (ib * TILE, jb * TILE);
+                    for r in r0..m.min(r0 + 2 * TILE) {
+                        for j in (j0..n.min(j0 + 2 * TILE)).step_by(TILE) {
+                            let valid = (n - j).min(TILE);
+                            let mask: __mmask16 =
+                                if valid == TILE { 0xffff } else { (1 << valid) - 1 };
+                            let sum =
+                                _mm512_loadu_ps(sums.as_ptr().add((r - r0) * 2 * TILE + j - j0));
+                            avx512::finish(sum, mask, r, j, dst, dst_rs, epilogue);
+                        }
                     }
                 }
             }
-        }
-        asm!("tilerelease", options(nostack, nomem));
-    });
+            asm!("tilerelease", options(nostack, nomem));
+        });
+    }
 }
 
 /// One block of up to 32 x 32 outputs: rows of `x` (bf16, row stride kp) times weight tiles
@@ -144,35 +150,39 @@ unsafe fn block<const TWO_ROWS: bool, const TWO_COLS: bool>(
     w: *const u16,
     sums: *mut f32,
 ) {
-    let x_stride = 2 * kp;
-    let second_rows = x.add(TILE * kp);
-    let second_cols = w.add(kp / K_STEP * WEIGHT_TILE);
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
-    for step in 0..kp / K_STEP {
-        let (xo, wo) = (step * K_STEP, step * WEIGHT_TILE);
-        asm!("tileloadd tmm4, [{p} + {s}*1]", "tileloadd tmm6, [{w} + {ws}*1]",
+    // SAFETY: `matmul` passes staged rows and weight tiles of kp columns that cover the block and a
+    // 32 x 32 `sums`, with the tile registers configured.
+    unsafe {
+        let x_stride = 2 * kp;
+        let second_rows = x.add(TILE * kp);
+        let second_cols = w.add(kp / K_STEP * WEIGHT_TILE);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for step in 0..kp / K_STEP {
+            let (xo, wo) = (step * K_STEP, step * WEIGHT_TILE);
+            asm!("tileloadd tmm4, [{p} + {s}*1]", "tileloadd tmm6, [{w} + {ws}*1]",
              p = in(reg) x.add(xo), s = in(reg) x_stride, w = in(reg) w.add(wo), ws = in(reg) 64usize, options(nostack, readonly));
-        asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem));
-        if TWO_COLS {
-            asm!("tileloadd tmm7, [{w} + {ws}*1]", w = in(reg) second_cols.add(wo), ws = in(reg) 64usize, options(nostack, readonly));
-            asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
-        }
-        if TWO_ROWS {
-            asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) second_rows.add(xo), s = in(reg) x_stride, options(nostack, readonly));
-            asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem));
+            asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem));
             if TWO_COLS {
-                asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                asm!("tileloadd tmm7, [{w} + {ws}*1]", w = in(reg) second_cols.add(wo), ws = in(reg) 64usize, options(nostack, readonly));
+                asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
+            }
+            if TWO_ROWS {
+                asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) second_rows.add(xo), s = in(reg) x_stride, options(nostack, readonly));
+                asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem));
+                if TWO_COLS {
+                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+                }
             }
         }
-    }
-    let s = 2 * TILE * 4;
-    asm!("tilestored [{p} + {s}*1], tmm0", "tilestored [{q} + {s}*1], tmm1", "tilestored [{r} + {s}*1], tmm2", "tilestored [{t} + {s}*1], tmm3",
+        let s = 2 * TILE * 4;
+        asm!("tilestored [{p} + {s}*1], tmm0", "tilestored [{q} + {s}*1], tmm1", "tilestored [{r} + {s}*1], tmm2", "tilestored [{t} + {s}*1], tmm3",
          p = in(reg) sums, q = in(reg) sums.add(TILE), r = in(reg) sums.add(TILE * 2 * TILE), t = in(reg) sums.add(TILE * 2 * TILE + TILE),
          s = in(reg) s, options(nostack));
+    }
 }

@@ -17,6 +17,7 @@
 
 use crate::model::Activation;
 
+use super::cpu::{Isa, Kernels};
 use super::kernels;
 
 /// Columns of `A`: `k` consecutive values from row `r` at `ptr + r * stride`; a null `ptr`
@@ -63,70 +64,6 @@ pub enum Epilogue<'a> {
     Residual(*const f32),
 }
 
-/// Which product code runs: chosen once per engine from the CPU's features.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kernels {
-    /// Our AVX-512 microkernel on pre-packed panels.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx512,
-    /// The same microkernel on bf16 operands with fp32 accumulators (AVX512-BF16).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx512Bf16,
-    /// bf16 operands on AMX tiles (`amx.rs`), fp32 accumulators.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Amx,
-    /// The `gemm` crate (its own runtime dispatch) on row-major weights, separate epilogue.
-    Portable,
-}
-
-impl Kernels {
-    /// The fastest fp32 kernels this CPU runs.
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Self::Avx512;
-        }
-        Self::Portable
-    }
-
-    /// Every bf16 kernel set this CPU runs, for tests: on an AMX CPU the AVX-512 one as well.
-    #[cfg(test)]
-    pub fn all_bf16() -> Vec<Self> {
-        match Self::detect_bf16() {
-            Some(Self::Amx) => vec![Self::Avx512Bf16, Self::Amx],
-            other => other.into_iter().collect(),
-        }
-    }
-
-    /// Whether products round their operands to bf16.
-    pub fn is_bf16(self) -> bool {
-        matches!(self, Self::Avx512Bf16 | Self::Amx)
-    }
-
-    /// For logs and benchmark headers.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Avx512 => "AVX-512",
-            Self::Avx512Bf16 => "AVX512-BF16",
-            Self::Amx => "AMX bf16 tiles",
-            Self::Portable => "portable (gemm crate)",
-        }
-    }
-
-    /// bf16 kernels, where the CPU has them: AMX tiles where it has those too.
-    pub fn detect_bf16() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-        {
-            return Some(if super::amx::available() { Self::Amx } else { Self::Avx512Bf16 });
-        }
-        None
-    }
-}
-
 /// A (k x n) weight matrix in the layout its `Kernels` want.
 pub struct Weights {
     pub k: usize,
@@ -137,7 +74,8 @@ pub struct Weights {
 // The panel layouts are only read by the x86-64 kernels.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Layout {
-    RowMajor(Vec<f32>),
+    /// With the kernels whose epilogue pass runs on it.
+    RowMajor(Vec<f32>, Kernels),
     /// Column panels as `panel_vectors` cuts them (zero-padded), k rows each.
     Panels(Vec<f32>),
     /// The same panels in bf16 with rows in pairs: per pair (2i, 2i + 1), each column's two
@@ -151,18 +89,18 @@ impl Weights {
     /// `row_major`: (k x n).
     pub fn new(k: usize, n: usize, row_major: Vec<f32>, kernels: Kernels) -> Self {
         assert_eq!(row_major.len(), k * n, "weight matrix shape");
-        if kernels == Kernels::Portable {
-            return Self { k, n, data: Layout::RowMajor(row_major) };
+        if !kernels.has_avx512() {
+            return Self { k, n, data: Layout::RowMajor(row_major, kernels) };
         }
         let at = |i: usize, j: usize| if i < k && j < n { row_major[i * n + j] } else { 0.0 };
         #[cfg(target_arch = "x86_64")]
-        if kernels == Kernels::Amx {
+        if kernels.isa() == Isa::Amx {
             return Self { k, n, data: Layout::TilesAmx(super::amx::pack(k, n, at)) };
         }
         let panels = || {
             panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)))
         };
-        let data = if kernels == Kernels::Avx512Bf16 {
+        let data = if kernels.isa() == Isa::Avx512Bf16 {
             let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
             for (j0, width) in panels() {
                 for i in (0..k).step_by(2) {
@@ -198,14 +136,17 @@ impl Weights {
 /// Only where some `Weights::takes_bf16_segments()` (the CPU has AVX512-BF16); the pointers
 /// must cover the rows.
 pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize, dst: *mut u16) {
-    #[cfg(target_arch = "x86_64")]
-    for r in 0..rows {
-        avx512::to_bf16(src.add(r * stride), k, dst.add(r * k));
+    // SAFETY: the caller upholds this function's contract (`# Safety` above).
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        for r in 0..rows {
+            avx512::to_bf16(src.add(r * stride), k, dst.add(r * k));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})"
+        )
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "bf16 kernels are only selected on x86-64 ({src:?}, {stride}, {rows}, {k}, {dst:?})"
-    )
 }
 
 /// `matmul` with weights for which `takes_bf16_segments()` and a left operand already in bf16.
@@ -221,13 +162,18 @@ pub unsafe fn matmul_bf16(
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
-    debug_assert!(a.iter().all(|s| s.k % 2 == 0) && a.iter().map(|s| s.k).sum::<usize>() == w.k);
-    match &w.data {
-        #[cfg(target_arch = "x86_64")]
-        Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
-            avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue)
+    // SAFETY: the caller upholds this function's contract (`# Safety` above).
+    unsafe {
+        debug_assert!(
+            a.iter().all(|s| s.k % 2 == 0) && a.iter().map(|s| s.k).sum::<usize>() == w.k
+        );
+        match &w.data {
+            #[cfg(target_arch = "x86_64")]
+            Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
+                avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue)
+            }
+            _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
         }
-        _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
     }
 }
 
@@ -268,72 +214,83 @@ pub unsafe fn matmul(
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
-    debug_assert_eq!(a.iter().map(|s| s.k).sum::<usize>(), w.k);
-    if m == 0 || w.n == 0 {
-        return;
-    }
-    match &w.data {
-        Layout::RowMajor(data) => portable(m, a, w, data, dst, dst_rs, epilogue),
-        #[cfg(target_arch = "x86_64")]
-        Layout::Panels(data) => avx512::matmul(m, a, w, data, dst, dst_rs, epilogue),
-        #[cfg(target_arch = "x86_64")]
-        Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
-        #[cfg(target_arch = "x86_64")]
-        Layout::TilesAmx(data) => super::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
-        #[cfg(not(target_arch = "x86_64"))]
-        Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => {
-            unreachable!("AVX-512 kernels are only selected on x86-64")
+    // SAFETY: the caller upholds this function's contract (`# Safety` above).
+    unsafe {
+        debug_assert_eq!(a.iter().map(|s| s.k).sum::<usize>(), w.k);
+        if m == 0 || w.n == 0 {
+            return;
+        }
+        match &w.data {
+            Layout::RowMajor(data, kernels) => {
+                portable(m, a, w, data, *kernels, dst, dst_rs, epilogue)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::Panels(data) => avx512::matmul(m, a, w, data, dst, dst_rs, epilogue),
+            #[cfg(target_arch = "x86_64")]
+            Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
+            #[cfg(target_arch = "x86_64")]
+            Layout::TilesAmx(data) => super::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
+            #[cfg(not(target_arch = "x86_64"))]
+            Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => {
+                unreachable!("AVX-512 kernels are only selected on x86-64")
+            }
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn portable(
     m: usize,
     a: &[Segment],
     w: &Weights,
     data: &[f32],
+    kernels: Kernels,
     dst: *mut f32,
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
-    let n = w.n;
-    let mut accumulate = false;
-    if let Epilogue::Residual(res) = epilogue {
-        for r in 0..m {
-            std::ptr::copy_nonoverlapping(res.add(r * dst_rs), dst.add(r * dst_rs), n);
-        }
-        accumulate = true;
-    }
-    let mut k0 = 0;
-    for s in a {
-        if !s.ptr.is_null() {
-            kernels::matmul(
-                m,
-                n,
-                s.k,
-                dst,
-                dst_rs,
-                accumulate,
-                s.ptr,
-                s.stride,
-                data[k0 * n..].as_ptr(),
-            );
+    // SAFETY: as `matmul`, whose contract the caller upholds.
+    unsafe {
+        let n = w.n;
+        let mut accumulate = false;
+        if let Epilogue::Residual(res) = epilogue {
+            for r in 0..m {
+                std::ptr::copy_nonoverlapping(res.add(r * dst_rs), dst.add(r * dst_rs), n);
+            }
             accumulate = true;
         }
-        k0 += s.k;
-    }
-    if !accumulate {
-        for r in 0..m {
-            std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n).fill(0.0);
+        let mut k0 = 0;
+        for s in a {
+            if !s.ptr.is_null() {
+                kernels::matmul(
+                    m,
+                    n,
+                    s.k,
+                    dst,
+                    dst_rs,
+                    accumulate,
+                    s.ptr,
+                    s.stride,
+                    data[k0 * n..].as_ptr(),
+                );
+                accumulate = true;
+            }
+            k0 += s.k;
         }
-    }
-    let (bias, act) = match epilogue {
-        Epilogue::Bias(bias, act) => (bias, act),
-        Epilogue::BiasGeluBf16(bias) => (bias, Some(Activation::Gelu)),
-        Epilogue::Store | Epilogue::Residual(_) => return,
-    };
-    for r in 0..m {
-        kernels::bias_act(std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n), bias, act);
+        if !accumulate {
+            for r in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n).fill(0.0);
+            }
+        }
+        let (bias, act) = match epilogue {
+            Epilogue::Bias(bias, act) => (bias, act),
+            Epilogue::BiasGeluBf16(bias) => (bias, Some(Activation::Gelu)),
+            Epilogue::Store | Epilogue::Residual(_) => return,
+        };
+        for r in 0..m {
+            let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
+            kernels::bias_act(kernels, row, bias, act);
+        }
     }
 }
 
@@ -343,6 +300,11 @@ pub(super) mod avx512 {
 
     use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
     use super::{panel_vectors, Activation, Epilogue, Segment, SegmentBf16, Weights};
+
+    /// Most rows of a register tile, by its width in vectors (1, 2, 3): R x NV accumulators,
+    /// the NV weight vectors and a broadcast must fit the 32 zmm registers (12 x 2 + 2 + 1 =
+    /// 27, 9 x 3 + 3 + 1 = 31).
+    pub const MAX_TILE_ROWS: [usize; 3] = [12, 12, 9];
 
     /// Calls `tile::<R, NV>` for the (rows, vectors) of a tile: R up to 12 (9 for 3 vectors).
     macro_rules! dispatch {
@@ -368,10 +330,15 @@ pub(super) mod avx512 {
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
-        for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
-            let panel = data.as_ptr().add(at.j0 * w.k);
-            dispatch!(rows, vectors, tile(a, panel, at, epilogue))
-        });
+        // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+        // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
+        // contract requires.
+        unsafe {
+            for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+                let panel = data.as_ptr().add(at.j0 * w.k);
+                dispatch!(rows, vectors, tile(a, panel, at, epilogue))
+            });
+        }
     }
 
     thread_local! {
@@ -390,25 +357,30 @@ pub(super) mod avx512 {
         kp: usize,
         run: impl FnOnce(*const u16),
     ) {
-        LEFT_BF16.with_borrow_mut(|left| {
-            if left.len() < capacity * kp {
-                left.resize(capacity * kp, 0);
-            }
-            let k: usize = a.iter().map(|s| s.k).sum();
-            for r in 0..m {
-                let mut row = left.as_mut_ptr().add(r * kp);
-                for s in a {
-                    if s.ptr.is_null() {
-                        row.write_bytes(0, s.k);
-                    } else {
-                        to_bf16(s.ptr.add(r * s.stride), s.k, row);
-                    }
-                    row = row.add(s.k);
+        // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+        // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
+        // contract requires.
+        unsafe {
+            LEFT_BF16.with_borrow_mut(|left| {
+                if left.len() < capacity * kp {
+                    left.resize(capacity * kp, 0);
                 }
-                row.write_bytes(0, kp - k);
-            }
-            run(left.as_ptr());
-        });
+                let k: usize = a.iter().map(|s| s.k).sum();
+                for r in 0..m {
+                    let mut row = left.as_mut_ptr().add(r * kp);
+                    for s in a {
+                        if s.ptr.is_null() {
+                            row.write_bytes(0, s.k);
+                        } else {
+                            to_bf16(s.ptr.add(r * s.stride), s.k, row);
+                        }
+                        row = row.add(s.k);
+                    }
+                    row.write_bytes(0, kp - k);
+                }
+                run(left.as_ptr());
+            });
+        }
     }
 
     /// As `matmul`, on bf16 operands: the segments are converted into one bf16 row per input
@@ -423,18 +395,23 @@ pub(super) mod avx512 {
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
-        let kp = w.k.next_multiple_of(2);
-        with_bf16_rows(m, m, a, kp, |left| {
-            matmul_bf16_segments(
-                m,
-                &[SegmentBf16 { ptr: left, stride: kp, k: kp }],
-                w,
-                data,
-                dst,
-                dst_rs,
-                epilogue,
-            );
-        });
+        // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+        // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
+        // contract requires.
+        unsafe {
+            let kp = w.k.next_multiple_of(2);
+            with_bf16_rows(m, m, a, kp, |left| {
+                matmul_bf16_segments(
+                    m,
+                    &[SegmentBf16 { ptr: left, stride: kp, k: kp }],
+                    w,
+                    data,
+                    dst,
+                    dst_rs,
+                    epilogue,
+                );
+            });
+        }
     }
 
     /// As `matmul`, on a left operand already in bf16.
@@ -448,28 +425,41 @@ pub(super) mod avx512 {
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
-        let kp = w.k.next_multiple_of(2);
-        for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
-            let panel = data.as_ptr().add(at.j0 * kp);
-            dispatch!(rows, vectors, tile_bf16(a, panel, at, epilogue))
-        });
+        // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+        // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
+        // contract requires.
+        unsafe {
+            let kp = w.k.next_multiple_of(2);
+            for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+                let panel = data.as_ptr().add(at.j0 * kp);
+                dispatch!(rows, vectors, tile_bf16(a, panel, at, epilogue))
+            });
+        }
     }
 
     /// k floats at `src` to bf16 at `dst`, rounding to nearest even.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     pub unsafe fn to_bf16(src: *const f32, k: usize, dst: *mut u16) {
-        let mut i = 0;
-        while i + 16 <= k {
-            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i))));
-            _mm256_storeu_si256(dst.add(i) as *mut __m256i, v);
-            i += 16;
-        }
-        if i < k {
-            let mask = (1u16 << (k - i)) - 1;
-            let v: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src.add(i))));
-            _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, mask, v);
+        // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+        // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
+        // contract requires.
+        unsafe {
+            let mut i = 0;
+            while i + 16 <= k {
+                let v: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i))));
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, v);
+                i += 16;
+            }
+            if i < k {
+                let mask = (1u16 << (k - i)) - 1;
+                let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                    mask,
+                    src.add(i),
+                )));
+                _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, mask, v);
+            }
         }
     }
 
@@ -484,21 +474,29 @@ pub(super) mod avx512 {
         dst_rs: usize,
         mut run: impl FnMut(usize, usize, &Tile),
     ) {
-        let mut j0 = 0;
-        for vectors in panel_vectors(n) {
-            let width = 16 * vectors;
-            let valid = (n - j0).min(width);
-            // Lanes of the panel's last vector that hold real columns.
-            let mask: __mmask16 = if valid % 16 == 0 { 0xffff } else { (1u16 << (valid % 16)) - 1 };
-            let max_rows = if vectors == 3 { 9 } else { 12 };
-            let count = m.div_ceil(max_rows);
-            let mut r0 = 0;
-            for t in 0..count {
-                let rows = m / count + usize::from(t < m % count);
-                run(rows, vectors, &Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask });
-                r0 += rows;
+        // SAFETY: as `matmul`, whose contract the caller upholds.
+        unsafe {
+            let mut j0 = 0;
+            for vectors in panel_vectors(n) {
+                let width = 16 * vectors;
+                let valid = (n - j0).min(width);
+                // Lanes of the panel's last vector that hold real columns.
+                let mask: __mmask16 =
+                    if valid % 16 == 0 { 0xffff } else { (1u16 << (valid % 16)) - 1 };
+                let max_rows = MAX_TILE_ROWS[vectors - 1];
+                let count = m.div_ceil(max_rows);
+                let mut r0 = 0;
+                for t in 0..count {
+                    let rows = m / count + usize::from(t < m % count);
+                    run(
+                        rows,
+                        vectors,
+                        &Tile { r0, j0, dst: dst.add(r0 * dst_rs + j0), dst_rs, mask },
+                    );
+                    r0 += rows;
+                }
+                j0 += width;
             }
-            j0 += width;
         }
     }
 
@@ -556,11 +554,15 @@ pub(super) mod avx512 {
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
-        _mm512_mask_storeu_ps(
-            dst.add(row * dst_rs + col),
-            mask,
-            finished!(sum, mask, row, col, dst_rs, epilogue),
-        );
+        // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+        // panel and dst that `matmul` was given.
+        unsafe {
+            _mm512_mask_storeu_ps(
+                dst.add(row * dst_rs + col),
+                mask,
+                finished!(sum, mask, row, col, dst_rs, epilogue),
+            );
+        }
     }
 
     struct Tile {
@@ -581,15 +583,19 @@ pub(super) mod avx512 {
         t: &Tile,
         epilogue: Epilogue,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        let mut wp = panel;
-        for s in a {
-            if !s.ptr.is_null() {
-                acc = accumulate::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k, wp);
+        // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+        // panel and dst that `matmul` was given.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            let mut wp = panel;
+            for s in a {
+                if !s.ptr.is_null() {
+                    acc = accumulate::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k, wp);
+                }
+                wp = wp.add(16 * NV * s.k);
             }
-            wp = wp.add(16 * NV * s.k);
+            store!(acc, t, epilogue, NV);
         }
-        store!(acc, t, epilogue, NV);
     }
 
     /// `tile` on bf16 segments and a bf16 panel: each step multiplies a pair of k.
@@ -601,21 +607,25 @@ pub(super) mod avx512 {
         t: &Tile,
         epilogue: Epilogue,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        let mut wp = panel;
-        for s in a {
-            if !s.ptr.is_null() {
-                acc = accumulate_bf16::<R, NV>(
-                    acc,
-                    s.ptr.add(t.r0 * s.stride),
-                    s.stride,
-                    s.k / 2,
-                    wp,
-                );
+        // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+        // panel and dst that `matmul` was given.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            let mut wp = panel;
+            for s in a {
+                if !s.ptr.is_null() {
+                    acc = accumulate_bf16::<R, NV>(
+                        acc,
+                        s.ptr.add(t.r0 * s.stride),
+                        s.stride,
+                        s.k / 2,
+                        wp,
+                    );
+                }
+                wp = wp.add(16 * NV * s.k);
             }
-            wp = wp.add(16 * NV * s.k);
+            store!(acc, t, epilogue, NV);
         }
-        store!(acc, t, epilogue, NV);
     }
 
     /// acc += (R rows of `pairs` pairs of bf16 values at `rowp`, row stride `stride`) @
@@ -629,28 +639,32 @@ pub(super) mod avx512 {
         pairs: usize,
         mut wp: *const u16,
     ) -> [[__m512; NV]; R] {
-        for _ in 0..pairs {
-            let mut wv = [_mm512_setzero_si512(); NV];
-            for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_si512(wp.add(32 * v) as *const _);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // One row's pair of bf16 values in every 32-bit lane.
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    (rowp.add(r * stride) as *const i32).read_unaligned(),
-                ));
-                for v in 0..NV {
-                    acc[v] = _mm512_dpbf16_ps(
-                        acc[v],
-                        x,
-                        std::mem::transmute::<__m512i, __m512bh>(wv[v]),
-                    );
+        // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+        // panel and dst that `matmul` was given.
+        unsafe {
+            for _ in 0..pairs {
+                let mut wv = [_mm512_setzero_si512(); NV];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_si512(wp.add(32 * v) as *const _);
                 }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // One row's pair of bf16 values in every 32-bit lane.
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                        (rowp.add(r * stride) as *const i32).read_unaligned(),
+                    ));
+                    for v in 0..NV {
+                        acc[v] = _mm512_dpbf16_ps(
+                            acc[v],
+                            x,
+                            std::mem::transmute::<__m512i, __m512bh>(wv[v]),
+                        );
+                    }
+                }
+                rowp = rowp.add(2);
+                wp = wp.add(32 * NV);
             }
-            rowp = rowp.add(2);
-            wp = wp.add(32 * NV);
+            acc
         }
-        acc
     }
 
     /// acc += (R rows of k values at `rowp`, row stride `stride`) @ (k x 16 NV panel at `wp`).
@@ -664,34 +678,38 @@ pub(super) mod avx512 {
         k: usize,
         mut wp: *const f32,
     ) -> [[__m512; NV]; R] {
-        // No address arithmetic per k: the rows' byte offsets (0, s, .., 5s from `lo` for rows
-        // 0-5, the same from `hi` for 6-11) are opaque to LLVM (`black_box`), so it keeps a base
-        // register per row with one shared index. Written as `rowp.add(r * stride)`, loop
-        // strength reduction rebuilt the addresses every k as a chain of lea/add (8 integer
-        // uops per 24 FMAs), which cost 2-5% on an Intel core, where they compete with the FMAs
-        // for ports.
-        let sb = 4 * stride;
-        let (s1, s3, s5) = std::hint::black_box((sb, 3 * sb, 5 * sb));
-        let offsets = [0, s1, 2 * s1, s3, 4 * s1, s5];
-        let mut lo = rowp.cast::<u8>();
-        let mut hi = lo.wrapping_add(6 * sb);
-        for _ in 0..k {
-            let mut wv = [_mm512_setzero_ps(); NV];
-            for (v, wv) in wv.iter_mut().enumerate() {
-                *wv = _mm512_loadu_ps(wp.add(16 * v));
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let base = if r < 6 { lo } else { hi };
-                let x = _mm512_set1_ps(base.add(offsets[r % 6]).cast::<f32>().read());
-                for v in 0..NV {
-                    acc[v] = _mm512_fmadd_ps(x, wv[v], acc[v]);
+        // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+        // panel and dst that `matmul` was given.
+        unsafe {
+            // No address arithmetic per k: the rows' byte offsets (0, s, .., 5s from `lo` for rows
+            // 0-5, the same from `hi` for 6-11) are opaque to LLVM (`black_box`), so it keeps a base
+            // register per row with one shared index. Written as `rowp.add(r * stride)`, loop
+            // strength reduction rebuilt the addresses every k as a chain of lea/add (8 integer
+            // uops per 24 FMAs), which cost 2-5% on an Intel core, where they compete with the FMAs
+            // for ports.
+            let sb = 4 * stride;
+            let (s1, s3, s5) = std::hint::black_box((sb, 3 * sb, 5 * sb));
+            let offsets = [0, s1, 2 * s1, s3, 4 * s1, s5];
+            let mut lo = rowp.cast::<u8>();
+            let mut hi = lo.wrapping_add(6 * sb);
+            for _ in 0..k {
+                let mut wv = [_mm512_setzero_ps(); NV];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_ps(wp.add(16 * v));
                 }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let base = if r < 6 { lo } else { hi };
+                    let x = _mm512_set1_ps(base.add(offsets[r % 6]).cast::<f32>().read());
+                    for v in 0..NV {
+                        acc[v] = _mm512_fmadd_ps(x, wv[v], acc[v]);
+                    }
+                }
+                lo = lo.add(4);
+                hi = hi.wrapping_add(4);
+                wp = wp.add(16 * NV);
             }
-            lo = lo.add(4);
-            hi = hi.wrapping_add(4);
-            wp = wp.add(16 * NV);
+            acc
         }
-        acc
     }
 
     /// The same exact-erf GELU as `kernels::gelu` (same coefficients), on 16 lanes; the
@@ -799,7 +817,7 @@ mod tests {
             };
             let rounded = reference(m, k, n, &round(&a), &round(&wm));
             for kernels in
-                [Kernels::detect(), Kernels::Portable].into_iter().chain(Kernels::all_bf16())
+                [Kernels::detect(), Kernels::portable()].into_iter().chain(Kernels::all_bf16())
             {
                 let want = if kernels.is_bf16() { &rounded } else { &exact };
                 let w = Weights::new(k, n, wm.clone(), kernels);
@@ -812,6 +830,8 @@ mod tests {
                 ];
                 for epilogue in epilogues {
                     let mut got = vec![f32::NAN; m * n];
+                    // SAFETY: the buffers hold the m x k operand and the m x n output the call
+                    // describes.
                     unsafe { matmul(m, &segments, &w, got.as_mut_ptr(), n, epilogue) };
                     for (i, (&g, &p)) in got.iter().zip(want).enumerate() {
                         let c = i % n;
@@ -825,8 +845,8 @@ mod tests {
                             Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
                             Epilogue::Residual(_) => p + residual[i],
                         };
-                        let approximate = matches!(epilogue, Epilogue::BiasGeluBf16(_))
-                            && kernels != Kernels::Portable;
+                        let approximate =
+                            matches!(epilogue, Epilogue::BiasGeluBf16(_)) && kernels.has_avx512();
                         let tolerance =
                             if approximate { 1e-4 * (p + bias[c]).abs().max(1.0) } else { 2e-5 };
                         assert!(
@@ -846,7 +866,8 @@ mod tests {
     fn bf16_segments_match_the_per_product_conversion() {
         // The only kernels that take pre-converted segments (the AVX512-BF16 engine's partial
         // convolution); on an AMX CPU too, where the engine itself does not use them.
-        let Some(kernels) = Kernels::detect_bf16().map(|_| Kernels::Avx512Bf16) else {
+        let Some(kernels) = Kernels::all_bf16().into_iter().find(|k| k.isa() == Isa::Avx512Bf16)
+        else {
             return eprintln!("skipped: this CPU has no AVX512-BF16");
         };
         let (m, widths, n) = (29, [10, 10, 20], 40);
@@ -867,6 +888,7 @@ mod tests {
             k0 += width;
         }
         let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        // SAFETY: the buffers hold the m x k operand and the m x n output the call describes.
         unsafe {
             to_bf16_rows(a.as_ptr(), k, m, k, ab.as_mut_ptr());
             matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, Epilogue::Store);
@@ -887,11 +909,12 @@ mod tests {
             let w = Weights::new(1, n, vec![1.0; n], kernels);
             let mut got = vec![f32::NAN; m * n];
             let a = [Segment { ptr: xs.as_ptr(), stride: 1, k: 1 }];
+            // SAFETY: the buffers hold the m x k operand and the m x n output the call describes.
             unsafe { matmul(m, &a, &w, got.as_mut_ptr(), n, epilogue) };
             got
         };
         let exact = Epilogue::Bias(&bias, Some(Activation::Gelu));
-        let portable = out(Kernels::Portable, exact);
+        let portable = out(Kernels::portable(), exact);
         for (epilogue, tolerance) in [(exact, 1e-6), (Epilogue::BiasGeluBf16(&bias), 1e-4)] {
             for (i, (d, p)) in out(Kernels::detect(), epilogue).iter().zip(&portable).enumerate() {
                 let x = xs[i / n];

@@ -3,9 +3,10 @@
 //! edge pixels. NHWC activations, rows = pixels.
 //!
 //! The element-wise loops are written plainly and compiled three times (AVX-512, AVX2+FMA,
-//! baseline) behind runtime feature detection, so one binary runs on any x86-64 and uses the
+//! baseline); the engine's `Kernels` picks one, so one binary runs on any x86-64 and uses the
 //! widest vectors the CPU has; other architectures get the portable build.
 
+use super::cpu::{Isa, Kernels};
 use crate::model::Activation;
 
 /// dst (m x n, row stride dst_rs) = [dst +] lhs (m x k, row stride lhs_rs) @ rhs (k x n, row-major).
@@ -24,30 +25,34 @@ pub unsafe fn matmul(
     lhs_rs: usize,
     rhs: *const f32,
 ) {
-    if m == 0 || n == 0 {
-        return;
+    // SAFETY: the caller upholds the contract above; the `gemm` crate reads lhs and rhs and writes
+    // dst within the described matrices.
+    unsafe {
+        if m == 0 || n == 0 {
+            return;
+        }
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        1,
-        n as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 /// a * b + c, fused where the CPU can (the callers are compiled with FMA enabled on x86).
@@ -109,20 +114,21 @@ unsafe fn bias_act_avx2(data: &mut [f32], bias: &[f32], act: Option<Activation>)
     bias_act_generic(data, bias, act)
 }
 
-/// Adds `bias` to every row of `data` (rows of `bias.len()`), then applies `act`.
-pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+/// Adds `bias` to every row of `data` (rows of `bias.len()`), then applies `act`, in the
+/// widest vectors `kernels` allow.
+pub fn bias_act(kernels: Kernels, data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+    match kernels.isa() {
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+            // SAFETY: the token comes from `Kernels::detect`, which found AVX-512 (F, DQ,
+            // VL) and FMA.
             return unsafe { bias_act_avx512(data, bias, act) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        Isa::Avx2 => {
+            // SAFETY: `Kernels::detect` found AVX2 and FMA.
             return unsafe { bias_act_avx2(data, bias, act) };
         }
+        Isa::Portable => {}
     }
     bias_act_generic(data, bias, act)
 }
@@ -173,11 +179,16 @@ mod tests {
             worst = worst.max((got - want).abs() / want.abs().max(1.0));
         }
         assert!(worst < 1e-6, "worst error {worst:e}");
-        let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
-        bias_act(&mut v, &[0.0, 1.0], Some(Activation::Gelu));
-        assert!(
-            (v[1] - 0.841_344_7).abs() < 1e-6 && (v[3] - 1.954_5).abs() < 1e-3 && v[0].abs() < 0.01
-        );
+        for kernels in [Kernels::detect(), Kernels::portable()] {
+            let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
+            bias_act(kernels, &mut v, &[0.0, 1.0], Some(Activation::Gelu));
+            assert!(
+                (v[1] - 0.841_344_7).abs() < 1e-6
+                    && (v[3] - 1.954_5).abs() < 1e-3
+                    && v[0].abs() < 0.01,
+                "{kernels:?}: {v:?}"
+            );
+        }
     }
 
     /// erf in f64 by its Taylor series, accurate to ~1e-8 up to |x| = 4.5 (its largest term,

@@ -11,8 +11,10 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use super::gemm::{matmul, Epilogue, Kernels, Segment, Weights};
+use super::cpu::Kernels;
+use super::gemm::{matmul, Epilogue, Segment, Weights};
 use super::kernels;
+use super::schedule::WINOGRAD_ROUND_FLOATS;
 
 /// Output rows per block of the transform: row tiles of the block start on even image rows.
 pub const ROWS: usize = 2;
@@ -26,6 +28,8 @@ pub const MIN_CHANNELS: usize = 24;
 /// of the 4x4 transformed patch, each a (cp_in x cp_out) matrix.
 pub struct Winograd {
     cp: usize,
+    /// Whose transforms run.
+    kernels: Kernels,
     u: Vec<Weights>,
 }
 
@@ -51,7 +55,7 @@ impl Winograd {
                 }
             }
         }
-        Self { cp, u: u.into_iter().map(|m| Weights::new(cp, cp, m, kernels)).collect() }
+        Self { cp, kernels, u: u.into_iter().map(|m| Weights::new(cp, cp, m, kernels)).collect() }
     }
 
     /// Floats of weights the products read (16 cp^2: 16/9 of the direct convolution's).
@@ -83,16 +87,16 @@ impl Winograd {
             (pair / pairs_per_image * h + pair % pairs_per_image * 2, t % cols * 2)
         };
         // As many patches per round of products as keep its transformed patches near 128 KB.
-        let chunk = (32 * 1024 / (16 * cp)).clamp(12, 96) / 12 * 12;
+        let chunk = (WINOGRAD_ROUND_FLOATS / (16 * cp)).clamp(12, 96) / 12 * 12;
         SCRATCH.with_borrow_mut(|[v, m, patch]| {
-            let v = super::grow(v, chunk * 16 * cp);
-            let m = super::grow(m, chunk * 16 * cp);
-            let patch = super::grow(patch, 16 * cp);
+            let v = super::schedule::grow(v, chunk * 16 * cp);
+            let m = super::schedule::grow(m, chunk * 16 * cp);
+            let patch = super::schedule::grow(patch, 16 * cp);
             for start in (0..count).step_by(chunk) {
                 let group = start..(start + chunk).min(count);
                 for (t, (r, j)) in group.clone().map(patch_at).enumerate() {
                     kernels::im2col(x, h, w, dim, cp, r, &[j], 4, patch);
-                    input_transform(patch, &mut v[t * 16 * cp..(t + 1) * 16 * cp]);
+                    input_transform(self.kernels, patch, &mut v[t * 16 * cp..(t + 1) * 16 * cp]);
                 }
                 for (xi, u) in self.u.iter().enumerate() {
                     let a = [Segment { ptr: v[xi * cp..].as_ptr(), stride: 16 * cp, k: cp }];
@@ -109,7 +113,7 @@ impl Winograd {
                     };
                 }
                 for (t, (r, j)) in group.clone().map(patch_at).enumerate() {
-                    output_transform(&m[t * 16 * cp..(t + 1) * 16 * cp], patch);
+                    output_transform(self.kernels, &m[t * 16 * cp..(t + 1) * 16 * cp], patch);
                     let i = r % h;
                     for di in 0..(h - i).min(2) {
                         let pixels = (w - j).min(2);
@@ -137,6 +141,7 @@ fn input_transform_generic(d: &[f32], v: &mut [f32]) {
         let rows = [sub(d[0], d[2]), add(d[1], d[2]), sub(d[2], d[1]), sub(d[1], d[3])];
         for (a, [t0, t1, t2, t3]) in rows.into_iter().enumerate() {
             for (b, value) in [t0 - t2, t1 + t2, t2 - t1, t1 - t3].into_iter().enumerate() {
+                // SAFETY: c < cp and every index is below 16 cp (asserted above).
                 unsafe { *v.get_unchecked_mut((4 * a + b) * cp + c) = value };
             }
         }
@@ -156,6 +161,7 @@ fn output_transform_generic(m: &[f32], y: &mut [f32]) {
         // A^T m, then A on the right of each row.
         let rows = [add(add(m[0], m[1]), m[2]), sub(sub(m[1], m[2]), m[3])];
         for (a, [t0, t1, t2, t3]) in rows.into_iter().enumerate() {
+            // SAFETY: c < cp and every index is below 16 cp (asserted above).
             unsafe {
                 *y.get_unchecked_mut((2 * a) * cp + c) = t0 + t1 + t2;
                 *y.get_unchecked_mut((2 * a + 1) * cp + c) = t1 - t2 - t3;
@@ -186,19 +192,19 @@ unsafe fn output_transform_avx512(m: &[f32], y: &mut [f32]) {
     output_transform_generic(m, y)
 }
 
-fn input_transform(d: &[f32], v: &mut [f32]) {
+fn input_transform(kernels: Kernels, d: &[f32], v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512.
+    if kernels.has_avx512() {
+        // SAFETY: the token says the CPU has AVX-512.
         return unsafe { input_transform_avx512(d, v) };
     }
     input_transform_generic(d, v)
 }
 
-fn output_transform(m: &[f32], y: &mut [f32]) {
+fn output_transform(kernels: Kernels, m: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512.
+    if kernels.has_avx512() {
+        // SAFETY: the token says the CPU has AVX-512.
         return unsafe { output_transform_avx512(m, y) };
     }
     output_transform_generic(m, y)
@@ -218,7 +224,7 @@ mod tests {
         let value =
             |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 1999) as f32 / 1000.0 - 1.0;
         let g: Vec<f32> = (0..cp * cp * 9).map(|i| value(i, 1)).collect();
-        for kernels in [Kernels::detect(), Kernels::Portable] {
+        for kernels in [Kernels::detect(), Kernels::portable()] {
             let winograd = Winograd::new(&g, cp, kernels);
             for (h, w) in [(1, 1), (1, 5), (5, 1), (6, 7), (7, 7), (4, 4), (9, 2), (20, 19)] {
                 let x: Vec<f32> = (0..images * h * w * dim).map(|i| value(i, h * 10 + w)).collect();

@@ -1,0 +1,109 @@
+//! The CPU's features, detected once per engine: every kernel dispatch in this module takes
+//! the resulting [`Kernels`], so that what runs is decided in one place and a test can force
+//! the portable code on any host.
+
+/// The instruction set a [`Kernels`] value stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Our AVX-512 microkernel on pre-packed panels.
+    Avx512,
+    /// The same microkernel on bf16 operands with fp32 accumulators (AVX512-BF16).
+    Avx512Bf16,
+    /// bf16 operands on AMX tiles (`amx.rs`), fp32 accumulators.
+    Amx,
+    /// The `gemm` crate (its own runtime dispatch) on row-major weights, with a separate
+    /// epilogue pass in AVX2 + FMA.
+    Avx2,
+    /// The `gemm` crate with a plain epilogue: any CPU.
+    Portable,
+}
+
+/// Which kernels run, as a token: only [`Kernels::detect`] and [`Kernels::detect_bf16`] (and,
+/// in tests, `Kernels::portable`) make one, so holding a `Kernels` means this CPU runs its
+/// instructions. Code that executes `target_feature` functions relies on that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels(Isa);
+
+impl Kernels {
+    /// The fastest fp32 kernels this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma") {
+                return Self(Isa::Avx512);
+            }
+            if has!("avx2") && has!("fma") {
+                return Self(Isa::Avx2);
+            }
+        }
+        Self(Isa::Portable)
+    }
+
+    /// bf16 kernels, where the CPU has them: AMX tiles where it has those too (and the OS
+    /// grants them).
+    pub fn detect_bf16() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if Self::detect().0 == Isa::Avx512 && has!("avx512bw") && has!("avx512bf16") {
+                return Some(Self(if super::amx::available() {
+                    Isa::Amx
+                } else {
+                    Isa::Avx512Bf16
+                }));
+            }
+        }
+        None
+    }
+
+    /// Plain code that runs anywhere: the reference the others are tested against.
+    #[cfg(test)]
+    pub fn portable() -> Self {
+        Self(Isa::Portable)
+    }
+
+    /// Every bf16 kernel set this CPU runs, for tests: on an AMX CPU the AVX-512 one as well.
+    #[cfg(test)]
+    pub fn all_bf16() -> Vec<Self> {
+        match Self::detect_bf16() {
+            Some(Self(Isa::Amx)) => vec![Self(Isa::Avx512Bf16), Self(Isa::Amx)],
+            other => other.into_iter().collect(),
+        }
+    }
+
+    pub fn isa(self) -> Isa {
+        self.0
+    }
+
+    /// Whether products round their operands to bf16.
+    pub fn is_bf16(self) -> bool {
+        matches!(self.0, Isa::Avx512Bf16 | Isa::Amx)
+    }
+
+    /// Whether the AVX-512 fp32 code (microkernel, Winograd transforms) may run.
+    pub fn has_avx512(self) -> bool {
+        self.0 != Isa::Avx2 && self.0 != Isa::Portable
+    }
+
+    /// The fp32 kernels for the layers a bf16 engine keeps in fp32 (every bf16 set implies
+    /// AVX-512).
+    pub fn fp32(self) -> Self {
+        if self.is_bf16() {
+            Self(Isa::Avx512)
+        } else {
+            self
+        }
+    }
+
+    /// For logs and benchmark headers.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Isa::Avx512 => "AVX-512",
+            Isa::Avx512Bf16 => "AVX512-BF16",
+            Isa::Amx => "AMX bf16 tiles",
+            Isa::Avx2 => "AVX2 (gemm crate)",
+            Isa::Portable => "portable (gemm crate)",
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The folded weights laid out for the kernels, once at load time.
+
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+
+use super::cpu::{Isa, Kernels};
+use super::gemm::Weights;
+use super::winograd::{self, Winograd};
+use super::FastEngine;
+use crate::model::weights::{BlockWeights, FasterNetWeights, FoldedConv};
+use crate::model::ModelError;
+
+/// A dense layer: (k x n) weights and a bias.
+pub(super) struct Dense {
+    pub(super) w: Weights,
+    pub(super) bias: Vec<f32>,
+}
+
+pub(super) struct Block {
+    pub(super) dim: usize,
+    pub(super) cp: usize,
+    pub(super) hidden: usize,
+    /// (9 cp) x cp, rows ordered (di, dj, channel)
+    pub(super) partial: Weights,
+    /// The same convolution by Winograd's F(2x2, 3x3) (fp32 on our AVX-512 kernels, cp >= 24),
+    /// used instead of `partial` unless a split between threads would be uneven (`block`).
+    pub(super) winograd: Option<Winograd>,
+    /// dim x hidden
+    pub(super) fc1: Weights,
+    pub(super) fc1_bias: Vec<f32>,
+    /// hidden x dim
+    pub(super) fc2: Weights,
+}
+
+pub(super) struct Stage {
+    pub(super) merge: Option<Dense>,
+    pub(super) blocks: Vec<Block>,
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// (out, in, kh, kw) -> ((di, dj, in) x out) for patches read from NHWC maps.
+fn conv_nhwc_matrix(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
+    let (n, cin, kh, kw) = w.dims4()?;
+    Ok(Weights::new(cin * kh * kw, n, to_vec(&w.permute((2, 3, 1, 0))?.contiguous()?)?, kernels))
+}
+
+/// (out, in, ...) -> (in x out).
+fn transpose(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
+    let w = w.flatten_from(1)?;
+    let (n, k) = w.dims2()?;
+    Ok(Weights::new(k, n, to_vec(&w.t()?.contiguous()?)?, kernels))
+}
+
+impl FastEngine {
+    pub(super) fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
+        let fp32 = kernels.fp32();
+        let dense =
+            |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
+                let w = if nhwc {
+                    conv_nhwc_matrix(&conv.weight, kernels)?
+                } else {
+                    transpose(&conv.weight, kernels)?
+                };
+                Ok(Dense { w, bias: to_vec(&conv.bias)? })
+            };
+        let block = |b: &BlockWeights| -> Result<Block, ModelError> {
+            let (hidden, cp, _, _) = b.fc1_mixed.dims4()?;
+            let dim = b.fc2.dim(0)?;
+            let winograd = if kernels.isa() == Isa::Avx512 && cp >= winograd::MIN_CHANNELS {
+                Some(Winograd::new(&to_vec(&b.partial_conv)?, cp, kernels))
+            } else {
+                None
+            };
+            Ok(Block {
+                dim,
+                cp,
+                hidden,
+                partial: conv_nhwc_matrix(&b.partial_conv, kernels)?,
+                winograd,
+                // fc1 as one product over [partial conv output, untouched channels].
+                fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?, kernels)?,
+                fc1_bias: to_vec(&b.fc1_bias)?,
+                fc2: transpose(&b.fc2, kernels)?,
+            })
+        };
+        let stages = w
+            .stages
+            .iter()
+            .map(|s| {
+                Ok(Stage {
+                    merge: s.downsample.as_ref().map(|d| dense(d, true, kernels)).transpose()?,
+                    blocks: s.blocks.iter().map(block).collect::<Result<_, ModelError>>()?,
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        let features = w.classifier_weight.dim(1)?;
+        Ok(Self {
+            kernels,
+            act: w.config.act,
+            stem: dense(&w.stem, false, fp32)?,
+            stages,
+            head: Dense { w: transpose(&w.conv_head, fp32)?, bias: vec![0.0; features] },
+            classifier: Dense {
+                w: transpose(&w.classifier_weight, fp32)?,
+                bias: to_vec(&w.classifier_bias)?,
+            },
+            buffers: Mutex::new(Vec::new()),
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! How the work is split: tiles of image rows sized for L2, whole images per thread where
+//! the batch allows, buffers kept between passes. The constants here are the blocking policy.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::FastEngine;
+use crate::model::{ModelError, ModelOutput};
+
+// The blocking policy: every size the engine cuts its work by, together. (The register tiles
+// of the microkernel are `gemm::avx512::MAX_TILE_ROWS`; AMX's are fixed by the hardware.)
+
+/// A tile's working set (its input rows, scratch and output rows) in floats: 384 KiB, which
+/// stays in a 1-2 MiB L2 beside the weights streaming through.
+const TILE_FLOATS: usize = 96 * 1024;
+
+/// A strided convolution (stem, merges) whose weights exceed this many floats (1 MiB) would
+/// fetch them from L3 again for every output row's product; it gathers a tile's patches into
+/// one product instead.
+pub(super) const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
+
+/// Fewest output pixels per product: with fewer, the register tiles run mostly empty.
+const MIN_PRODUCT_PIXELS: usize = 16;
+
+/// Winograd patches transformed per round of its 16 products: their transformed inputs (16 cp
+/// floats each) fill about this many floats, within 12..=96 patches and a multiple of 12 (the
+/// microkernel's row tile).
+pub(super) const WINOGRAD_ROUND_FLOATS: usize = 32 * 1024;
+
+/// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
+pub(super) fn min_rows_for(width: usize) -> usize {
+    MIN_PRODUCT_PIXELS.div_ceil(width)
+}
+
+/// Splits `rows` into tiles: small enough for a tile's working set (`width` floats per row)
+/// to stay in L2, at least `min_rows` rows so each product has work, and a multiple of the
+/// thread count so that no thread idles while another finishes an extra tile. Sizes differ
+/// by at most one row and the larger ones are spread out (14 rows in 4 tiles: 3, 4, 3, 4), so
+/// that rayon's halving of the list gives every thread the same number of rows.
+pub(super) fn tiles(
+    rows: usize,
+    width: usize,
+    min_rows: usize,
+    threads: usize,
+) -> Vec<Range<usize>> {
+    let max_rows = (TILE_FLOATS / width.max(1)).max(min_rows);
+    let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
+    let count = count.min(rows / min_rows.max(1)).max(1);
+    (0..count).map(|i| i * rows / count..(i + 1) * rows / count).collect()
+}
+
+/// Runs `f` on every tile: on rayon's pool when the tiles are for several threads.
+pub(super) fn for_each_tile(
+    threads: usize,
+    tiles: Vec<Range<usize>>,
+    f: impl Fn(Range<usize>) + Sync + Send,
+) {
+    if threads > 1 {
+        tiles.into_par_iter().for_each(f)
+    } else {
+        tiles.into_iter().for_each(f)
+    }
+}
+
+thread_local! {
+    /// Per-thread tile scratch: gathered patches (edge pixels, or a merge's) and the edge
+    /// pixels' outputs, the partial convolution's output and the hidden activations.
+    pub(super) static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    /// AVX512-BF16 engine: the partial convolution's input channels of a tile and its
+    /// neighbour rows.
+    pub(super) static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Raw output pointer shared by tiles that write disjoint rows.
+#[derive(Clone, Copy)]
+pub(super) struct Out(pub(super) *mut f32);
+// SAFETY: an `Out` is only written through by tiles of disjoint rows (`graph.rs`), and the
+// buffer outlives the `for_each_tile` call that shares it.
+unsafe impl Send for Out {}
+// SAFETY: as for `Send`: no two threads write the same element, and none reads it.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The output `offset` floats in (a method, so closures capture the whole `Out`).
+    ///
+    /// # Safety
+    /// `offset` is inside the buffer the pointer came from.
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` inside the output buffer (`# Safety` above).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+pub(super) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+impl FastEngine {
+    /// With at least as many images as threads, each thread runs whole images on its own (no
+    /// synchronisation between layers); the images left over, or a batch smaller than the
+    /// thread count, are split into tiles that all threads share.
+    pub(super) fn forward_slices(
+        &self,
+        images: &[&[f32]],
+        (c, in_h, in_w): (usize, usize, usize),
+    ) -> Result<ModelOutput, ModelError> {
+        let batch = images.len();
+        let (f, k) = (self.head.w.n, self.classifier.w.n);
+        let mut features = vec![0f32; batch * f];
+        let mut logits = vec![0f32; batch * k];
+        let threads = rayon::current_num_threads().max(1);
+        let per_thread = if threads > 1 { batch / threads } else { 0 };
+        let own = per_thread * threads;
+        let (features_own, features_shared) = features.split_at_mut(own * f);
+        let (logits_own, logits_shared) = logits.split_at_mut(own * k);
+        if per_thread > 0 {
+            images[..own]
+                .par_chunks(per_thread)
+                .zip(features_own.par_chunks_mut(per_thread * f))
+                .zip(logits_own.par_chunks_mut(per_thread * k))
+                .for_each(|((x, features), logits)| {
+                    self.forward_images(x, (c, in_h, in_w), 1, features, logits)
+                });
+        }
+        if own < batch {
+            self.forward_images(
+                &images[own..],
+                (c, in_h, in_w),
+                threads,
+                features_shared,
+                logits_shared,
+            );
+        }
+        Ok(ModelOutput {
+            logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
+            features: Tensor::from_vec(features, (batch, f), &Device::Cpu)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_rows_in_near_equal_sizes_split_evenly_between_threads() {
+        for (rows, width, min_rows, threads) in [
+            (14, 15_232, 2, 2),
+            (7, 15_232, 3, 2),
+            (56, 15_232, 1, 1),
+            (28, 1000, 2, 2),
+            (5, 10, 16, 2),
+            (3, 100_000, 1, 4),
+        ] {
+            let t = tiles(rows, width, min_rows, threads);
+            let sizes: Vec<usize> = t.iter().map(|r| r.len()).collect();
+            assert_eq!(t.first().unwrap().start, 0);
+            assert!(
+                t.windows(2).all(|p| p[0].end == p[1].start) && t.last().unwrap().end == rows,
+                "{t:?}"
+            );
+            assert!(
+                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                "{rows} rows: {sizes:?}"
+            );
+            assert!(
+                sizes.iter().all(|&s| s >= min_rows.min(rows)),
+                "{rows} rows, min {min_rows}: {sizes:?}"
+            );
+            if t.len().is_multiple_of(2) && threads == 2 {
+                let half: usize = sizes[..t.len() / 2].iter().sum();
+                assert!(half.abs_diff(rows - half) <= 1, "{rows} rows: {sizes:?}");
+            }
+        }
+        assert_eq!(tiles(14, 15_232, 2, 2), [0..3, 3..7, 7..10, 10..14]);
+    }
+}
