@@ -22,6 +22,7 @@ COPY . .
 RUN set -eu; \
     mkdir -p /deps/.cargo; \
     cp Cargo.toml Cargo.lock /deps/; \
+    for member in crates/*/; do mkdir -p "/deps/$member" && cp "$member/Cargo.toml" "/deps/$member"; done; \
     if [ -f .cargo/config.toml ]; then cp .cargo/config.toml /deps/.cargo/config.toml; fi; \
     if [ -d vendor ]; then \
         echo "vendor/ present: building offline from vendored crates"; \
@@ -38,19 +39,21 @@ FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
 COPY --from=sources /deps/ ./
 # Dependency layer: every crate in Cargo.lock, compiled against stub targets (empty main.rs /
-# lib.rs and any other `path = "*.rs"` target in Cargo.toml). Rebuilt only when Cargo.toml,
-# Cargo.lock or the vendored crates change.
+# lib.rs, any other `path = "*.rs"` target in Cargo.toml, each workspace member's lib.rs).
+# Rebuilt only when a Cargo.toml, Cargo.lock or the vendored crates change.
 RUN set -eu; \
-    for f in src/main.rs src/lib.rs $(sed -n 's/^[[:space:]]*path[[:space:]]*=[[:space:]]*"\([^"]*\.rs\)".*/\1/p' Cargo.toml); do \
+    for f in src/main.rs src/lib.rs $(sed -n 's/^[[:space:]]*path[[:space:]]*=[[:space:]]*"\([^"]*\.rs\)".*/\1/p' Cargo.toml) \
+        $(for member in crates/*/; do echo "${member}src/lib.rs"; done); do \
         mkdir -p "$(dirname "$f")"; echo '#![allow(dead_code)] fn main() {}' > "$f"; \
     done; \
     cargo build --release --locked; \
-    rm -rf src
+    rm -rf src crates/*/src
 COPY src/ src/
+COPY crates/ crates/
 # COPY keeps the files' original mtimes, which can be older than the stub build: touch them
-# so cargo rebuilds this crate instead of reusing the stub's artifacts.
+# so cargo rebuilds these crates instead of reusing the stub's artifacts.
 RUN set -eu; \
-    find src -type f -exec touch {} +; \
+    find src crates -type f -exec touch {} +; \
     cargo build --release --locked; \
     ./target/release/fasternet-serve --version
 

@@ -1,4 +1,4 @@
-"""Fits the bf16 engine's GELU (src/model/fast/gemm.rs, `gelu_bf16`): erf(x / sqrt 2) as
+"""Fits the bf16 engine's GELU (crates/kernels/src/gemm.rs, `gelu_bf16`): erf(x / sqrt 2) as
 c P(c^2) / Q(c^2), c = x clamped to +-CLAMP, P of degree 2 and Q of degree 3 with Q(0) = 1,
 by iteratively reweighted least squares towards the minimax fit. Prints the coefficients and
 the largest |error| of erf on [0, 12] (past the clamp).

@@ -2,10 +2,12 @@
 
 use std::ops::Range;
 
-use super::gemm::{matmul, matmul_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16};
-use super::kernels;
+use fasternet_kernels::{
+    grow, im2col, matmul, matmul_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16,
+};
+
 use super::pack::Block;
-use super::schedule::{grow, SCRATCH_BF16};
+use super::schedule::SCRATCH_BF16;
 
 /// The partial convolution of global image rows `g` into `mixed` (rows x w pixels of cp
 /// channels), directly: a row's inner pixels read the input as nine shifted segments (taps
@@ -80,7 +82,7 @@ pub(super) fn partial_conv_direct(
                 });
                 matmul(w - 2, &taps, &b.partial, dst, cp, Epilogue::Store);
             }
-            kernels::im2col(x, h, w, dim, cp, row, edges, 3, &mut col[t * edges.len() * 9 * cp..]);
+            im2col(x, h, w, dim, cp, row, edges, 3, &mut col[t * edges.len() * 9 * cp..]);
         }
         if let Some(xb) = staged {
             SCRATCH_BF16.set(xb);

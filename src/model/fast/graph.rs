@@ -1,14 +1,13 @@
 //! The network as a sequence of products: stem, stages of merges and blocks, head.
 
+use fasternet_kernels::blocking::{min_rows_for, GATHER_ABOVE_FLOATS};
+use fasternet_kernels::winograd::{self, Winograd};
+use fasternet_kernels::{grow, matmul, Activation, Epilogue, Segment};
+
 use super::direct_conv::partial_conv_direct;
-use super::gemm::{matmul, Epilogue, Segment};
 use super::pack::{Block, Dense};
-use super::schedule::{
-    for_each_tile, grow, min_rows_for, tiles, Out, GATHER_ABOVE_FLOATS, SCRATCH,
-};
-use super::winograd::{self, Winograd};
+use super::schedule::{for_each_tile, tiles, Out, SCRATCH};
 use super::FastEngine;
-use crate::model::Activation;
 
 impl FastEngine {
     /// The network on CHW images `input`, tiles spread over `threads` threads (1: this one).

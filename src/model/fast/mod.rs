@@ -1,11 +1,11 @@
 //! The fast CPU path: the same folded weights as the reference, computed on NHWC activations
-//! (rows = pixels) as products with pre-packed weights (`gemm`), every operand read in place.
+//! (rows = pixels) as products with pre-packed weights (`fasternet_kernels`), every operand read in place.
 //!
 //! - Stem and patch merging: the patches of an output row are fixed-stride segments of the
 //!   input (12 for the 4x4 stem on NCHW, 2 for a 2x2 merge on NHWC): one product per row, or,
 //!   for weights larger than L2, the tile's patches copied into one product.
 //! - Each block runs over tiles of whole image rows that stay in L2: the partial 3x3
-//!   convolution (by Winograd's F(2x2, 3x3) in fp32 where cp >= 24, `winograd.rs`; otherwise
+//!   convolution (by Winograd's F(2x2, 3x3) in fp32 where cp >= 24; otherwise
 //!   a row's inner pixels as nine shifted segments of the input, only the two edge pixels,
 //!   whose windows reach into the padding, gathered) into a cp-wide scratch tile; fc1 reads
 //!   that and the untouched channels as two segments, with bias + activation as its
@@ -15,38 +15,40 @@
 //!   each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
-//!   the CPU has them (`amx.rs`), otherwise AVX512-BF16 in the same register tiles as fp32.
+//!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32.
 //!
 //! Where things are: `pack.rs` lays the folded weights out for the kernels, `schedule.rs`
-//! splits the work into tiles and threads (its constants are the blocking policy),
-//! `graph.rs` is the network as a sequence of those products, `direct_conv.rs` the partial
-//! convolution without Winograd. The kernels themselves are `gemm.rs` (products and
-//! epilogues, x86-64 microkernels), `amx.rs`, `winograd.rs` and `kernels.rs`; `cpu.rs` holds
-//! the one detection of the CPU's features that they all dispatch on.
+//! splits the work into tiles and threads, `graph.rs` is the network as a sequence of those
+//! products, `direct_conv.rs` the partial convolution without Winograd. The kernels
+//! themselves, the CPU detection they dispatch on and the blocking constants are the
+//! `fasternet-kernels` crate (`crates/kernels`).
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
-#[cfg(target_arch = "x86_64")]
-mod amx;
-#[cfg(target_arch = "x86_64")]
-pub use amx::available as amx_available;
-mod cpu;
 mod direct_conv;
-mod gemm;
 mod graph;
-mod kernels;
 mod pack;
 mod schedule;
-mod winograd;
 
 use std::sync::Mutex;
 
 use candle_core::Tensor;
+#[cfg(target_arch = "x86_64")]
+pub use fasternet_kernels::amx_available;
+use fasternet_kernels::{Activation, Kernels};
 
 use super::weights::FasterNetWeights;
-use super::{Activation, ModelError, ModelOutput};
-use cpu::Kernels;
+use super::{ModelError, ModelOutput};
 use pack::{Dense, Stage};
+
+impl From<super::Activation> for Activation {
+    fn from(act: super::Activation) -> Self {
+        match act {
+            super::Activation::Gelu => Self::Gelu,
+            super::Activation::Relu => Self::Relu,
+        }
+    }
+}
 
 pub struct FastEngine {
     /// The kernels of the network body's products.

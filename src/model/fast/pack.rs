@@ -3,10 +3,9 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
+use fasternet_kernels::winograd::{self, Winograd};
+use fasternet_kernels::{Isa, Kernels, Weights};
 
-use super::cpu::{Isa, Kernels};
-use super::gemm::Weights;
-use super::winograd::{self, Winograd};
 use super::FastEngine;
 use crate::model::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use crate::model::ModelError;
@@ -100,7 +99,7 @@ impl FastEngine {
         let features = w.classifier_weight.dim(1)?;
         Ok(Self {
             kernels,
-            act: w.config.act,
+            act: w.config.act.into(),
             stem: dense(&w.stem, false, fp32)?,
             stages,
             head: Dense { w: transpose(&w.conv_head, fp32)?, bias: vec![0.0; features] },

@@ -7,33 +7,10 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use fasternet_kernels::blocking::TILE_FLOATS;
+
 use super::FastEngine;
 use crate::model::{ModelError, ModelOutput};
-
-// The blocking policy: every size the engine cuts its work by, together. (The register tiles
-// of the microkernel are `gemm::avx512::MAX_TILE_ROWS`; AMX's are fixed by the hardware.)
-
-/// A tile's working set (its input rows, scratch and output rows) in floats: 384 KiB, which
-/// stays in a 1-2 MiB L2 beside the weights streaming through.
-const TILE_FLOATS: usize = 96 * 1024;
-
-/// A strided convolution (stem, merges) whose weights exceed this many floats (1 MiB) would
-/// fetch them from L3 again for every output row's product; it gathers a tile's patches into
-/// one product instead.
-pub(super) const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
-
-/// Fewest output pixels per product: with fewer, the register tiles run mostly empty.
-const MIN_PRODUCT_PIXELS: usize = 16;
-
-/// Winograd patches transformed per round of its 16 products: their transformed inputs (16 cp
-/// floats each) fill about this many floats, within 12..=96 patches and a multiple of 12 (the
-/// microkernel's row tile).
-pub(super) const WINOGRAD_ROUND_FLOATS: usize = 32 * 1024;
-
-/// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
-pub(super) fn min_rows_for(width: usize) -> usize {
-    MIN_PRODUCT_PIXELS.div_ceil(width)
-}
 
 /// Splits `rows` into tiles: small enough for a tile's working set (`width` floats per row)
 /// to stay in L2, at least `min_rows` rows so each product has work, and a multiple of the
@@ -92,13 +69,6 @@ impl Out {
         // SAFETY: the caller keeps `offset` inside the output buffer (`# Safety` above).
         unsafe { self.0.add(offset) }
     }
-}
-
-pub(super) fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    &mut v[..len]
 }
 
 impl FastEngine {

@@ -1,13 +1,14 @@
 //! The fp32 FLOP ceiling the fast engine works against: a large single-threaded GEMM through
 //! the same `gemm` crate and kernels, then the same on every thread (one GEMM per thread).
 //!
-//!     cargo run --release --example gemm_peak [-- THREADS]
+//!     cargo run --release -p fasternet-kernels --example gemm_peak [-- THREADS]
 
 use std::time::Instant;
 
 fn gflops(threads: usize) -> f64 {
     const N: usize = 768;
     let (a, b) = (vec![1.0f32; N * N], vec![0.5f32; N * N]);
+    // SAFETY: a, b and dst each hold N x N floats, row-major with stride N.
     let run = |dst: &mut [f32]| unsafe {
         gemm::gemm(
             N,

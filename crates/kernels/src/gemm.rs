@@ -15,40 +15,28 @@
 //! the partial convolution's output for the first channels and the untouched input channels
 //! for the rest, so the mixed tensor is never assembled.
 
-use crate::model::Activation;
-
-use super::cpu::{Isa, Kernels};
-use super::kernels;
+use crate::cpu::{Isa, Kernels};
+use crate::loops;
+use crate::Activation;
 
 /// Columns of `A`: `k` consecutive values from row `r` at `ptr + r * stride`; a null `ptr`
-/// stands for zeros (the matching rows of the weights are skipped).
+/// stands for zeros (the matching rows of the weights are skipped). `T` is the operand's
+/// element: `f32`, or bf16 bits (`SegmentBf16`).
 #[derive(Clone, Copy)]
-pub struct Segment {
-    pub ptr: *const f32,
+pub struct Segment<T = f32> {
+    pub ptr: *const T,
     pub stride: usize,
     pub k: usize,
 }
 
-impl Segment {
+impl<T> Segment<T> {
     pub fn zeros(k: usize) -> Self {
         Self { ptr: std::ptr::null(), stride: 0, k }
     }
 }
 
 /// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub struct SegmentBf16 {
-    pub ptr: *const u16,
-    pub stride: usize,
-    pub k: usize,
-}
-
-impl SegmentBf16 {
-    pub fn zeros(k: usize) -> Self {
-        Self { ptr: std::ptr::null(), stride: 0, k }
-    }
-}
+pub type SegmentBf16 = Segment<u16>;
 
 #[derive(Clone, Copy)]
 pub enum Epilogue<'a> {
@@ -95,7 +83,7 @@ impl Weights {
         let at = |i: usize, j: usize| if i < k && j < n { row_major[i * n + j] } else { 0.0 };
         #[cfg(target_arch = "x86_64")]
         if kernels.isa() == Isa::Amx {
-            return Self { k, n, data: Layout::TilesAmx(super::amx::pack(k, n, at)) };
+            return Self { k, n, data: Layout::TilesAmx(crate::amx::pack(k, n, at)) };
         }
         let panels = || {
             panel_vectors(n).scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + 16 * v), 16 * v)))
@@ -178,7 +166,7 @@ pub unsafe fn matmul_bf16(
 }
 
 /// f32 to bf16, rounding to nearest even (as `vcvtneps2bf16` does for finite values).
-pub(super) fn bf16(x: f32) -> u16 {
+pub(crate) fn bf16(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -229,7 +217,7 @@ pub unsafe fn matmul(
             #[cfg(target_arch = "x86_64")]
             Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
             #[cfg(target_arch = "x86_64")]
-            Layout::TilesAmx(data) => super::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
+            Layout::TilesAmx(data) => crate::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
             #[cfg(not(target_arch = "x86_64"))]
             Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => {
                 unreachable!("AVX-512 kernels are only selected on x86-64")
@@ -262,7 +250,7 @@ unsafe fn portable(
         let mut k0 = 0;
         for s in a {
             if !s.ptr.is_null() {
-                kernels::matmul(
+                loops::matmul(
                     m,
                     n,
                     s.k,
@@ -289,22 +277,18 @@ unsafe fn portable(
         };
         for r in 0..m {
             let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
-            kernels::bias_act(kernels, row, bias, act);
+            loops::bias_act(kernels, row, bias, act);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx512 {
+pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::kernels::{ERF_CLAMP, ERF_DEN, ERF_NUM};
     use super::{panel_vectors, Activation, Epilogue, Segment, SegmentBf16, Weights};
-
-    /// Most rows of a register tile, by its width in vectors (1, 2, 3): R x NV accumulators,
-    /// the NV weight vectors and a broadcast must fit the 32 zmm registers (12 x 2 + 2 + 1 =
-    /// 27, 9 x 3 + 3 + 1 = 31).
-    pub const MAX_TILE_ROWS: [usize; 3] = [12, 12, 9];
+    use crate::blocking::MAX_TILE_ROWS;
+    use crate::loops::{ERF_CLAMP, ERF_DEN, ERF_NUM};
 
     /// Calls `tile::<R, NV>` for the (rows, vectors) of a tile: R up to 12 (9 for 3 vectors).
     macro_rules! dispatch {

@@ -18,8 +18,8 @@ pub enum Isa {
     Portable,
 }
 
-/// Which kernels run, as a token: only [`Kernels::detect`] and [`Kernels::detect_bf16`] (and,
-/// in tests, `Kernels::portable`) make one, so holding a `Kernels` means this CPU runs its
+/// Which kernels run, as a token: only [`Kernels::detect`], [`Kernels::detect_bf16`],
+/// [`Kernels::all_bf16`] and [`Kernels::portable`] make one, so holding a `Kernels` means this CPU runs its
 /// instructions. Code that executes `target_feature` functions relies on that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels(Isa);
@@ -47,7 +47,7 @@ impl Kernels {
         {
             use std::arch::is_x86_feature_detected as has;
             if Self::detect().0 == Isa::Avx512 && has!("avx512bw") && has!("avx512bf16") {
-                return Some(Self(if super::amx::available() {
+                return Some(Self(if crate::amx::available() {
                     Isa::Amx
                 } else {
                     Isa::Avx512Bf16
@@ -58,13 +58,11 @@ impl Kernels {
     }
 
     /// Plain code that runs anywhere: the reference the others are tested against.
-    #[cfg(test)]
     pub fn portable() -> Self {
         Self(Isa::Portable)
     }
 
     /// Every bf16 kernel set this CPU runs, for tests: on an AMX CPU the AVX-512 one as well.
-    #[cfg(test)]
     pub fn all_bf16() -> Vec<Self> {
         match Self::detect_bf16() {
             Some(Self(Isa::Amx)) => vec![Self(Isa::Avx512Bf16), Self(Isa::Amx)],

@@ -11,10 +11,10 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use super::cpu::Kernels;
-use super::gemm::{matmul, Epilogue, Segment, Weights};
-use super::kernels;
-use super::schedule::WINOGRAD_ROUND_FLOATS;
+use crate::blocking::WINOGRAD_ROUND_FLOATS;
+use crate::cpu::Kernels;
+use crate::gemm::{matmul, Epilogue, Segment, Weights};
+use crate::{grow, loops};
 
 /// Output rows per block of the transform: row tiles of the block start on even image rows.
 pub const ROWS: usize = 2;
@@ -89,13 +89,13 @@ impl Winograd {
         // As many patches per round of products as keep its transformed patches near 128 KB.
         let chunk = (WINOGRAD_ROUND_FLOATS / (16 * cp)).clamp(12, 96) / 12 * 12;
         SCRATCH.with_borrow_mut(|[v, m, patch]| {
-            let v = super::schedule::grow(v, chunk * 16 * cp);
-            let m = super::schedule::grow(m, chunk * 16 * cp);
-            let patch = super::schedule::grow(patch, 16 * cp);
+            let v = grow(v, chunk * 16 * cp);
+            let m = grow(m, chunk * 16 * cp);
+            let patch = grow(patch, 16 * cp);
             for start in (0..count).step_by(chunk) {
                 let group = start..(start + chunk).min(count);
                 for (t, (r, j)) in group.clone().map(patch_at).enumerate() {
-                    kernels::im2col(x, h, w, dim, cp, r, &[j], 4, patch);
+                    loops::im2col(x, h, w, dim, cp, r, &[j], 4, patch);
                     input_transform(self.kernels, patch, &mut v[t * 16 * cp..(t + 1) * 16 * cp]);
                 }
                 for (xi, u) in self.u.iter().enumerate() {

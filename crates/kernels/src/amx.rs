@@ -12,7 +12,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::gemm::{avx512, Epilogue, Segment, Weights};
+use crate::gemm::{avx512, Epilogue, Segment, Weights};
 
 /// Values of k per tile step (a tile row is 64 bytes of bf16) and rows or columns per tile.
 const K_STEP: usize = 32;
@@ -59,7 +59,7 @@ pub fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<u16> {
         for i0 in (0..steps * K_STEP).step_by(K_STEP) {
             for i in (i0..i0 + K_STEP).step_by(2) {
                 for j in j0..j0 + TILE {
-                    data.extend([super::gemm::bf16(at(i, j)), super::gemm::bf16(at(i + 1, j))]);
+                    data.extend([crate::gemm::bf16(at(i, j)), crate::gemm::bf16(at(i + 1, j))]);
                 }
             }
         }

@@ -6,8 +6,8 @@
 //! baseline); the engine's `Kernels` picks one, so one binary runs on any x86-64 and uses the
 //! widest vectors the CPU has; other architectures get the portable build.
 
-use super::cpu::{Isa, Kernels};
-use crate::model::Activation;
+use crate::cpu::{Isa, Kernels};
+use crate::Activation;
 
 /// dst (m x n, row stride dst_rs) = [dst +] lhs (m x k, row stride lhs_rs) @ rhs (k x n, row-major).
 ///
@@ -65,8 +65,8 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 /// f32): the rational approximation of Eigen's and XLA's float erf (|error| <= 5e-7), with the
 /// 1 / sqrt 2 folded into the coefficients (lowest degree first). Shared with the AVX-512
 /// epilogue (`gemm::avx512::gelu`).
-pub(super) const ERF_CLAMP: f32 = 5.656_854;
-pub(super) const ERF_NUM: [f32; 7] = [
+pub(crate) const ERF_CLAMP: f32 = 5.656_854;
+pub(crate) const ERF_NUM: [f32; 7] = [
     -1.138_161_4e-2,
     -1.044_608_8e-3,
     -1.299_292_2e-4,
@@ -75,7 +75,7 @@ pub(super) const ERF_NUM: [f32; 7] = [
     6.122_399e-10,
     -3.011_990_2e-12,
 ];
-pub(super) const ERF_DEN: [f32; 5] =
+pub(crate) const ERF_DEN: [f32; 5] =
     [-1.426_473_9e-2, -3.686_664_6e-3, -4.207_067_5e-4, -2.667_175_6e-5, -9.103_795e-7];
 
 /// Exact-erf GELU to ~3e-7 relative. Branch-free (one division, no exp) so that it vectorises.

@@ -1,0 +1,30 @@
+//! The blocking policy: every size the fast engine cuts its work by, together. The tile and
+//! gather sizes are the engine's (`tiles`, `strided_conv`); the register tiles are the
+//! microkernel's.
+
+/// Most rows of a register tile of the AVX-512 microkernel, by its width in vectors (1, 2, 3):
+/// R x NV accumulators, the NV weight vectors and a broadcast must fit the 32 zmm registers
+/// (12 x 2 + 2 + 1 = 27, 9 x 3 + 3 + 1 = 31). AMX's tiles are fixed by the hardware (16 x 32).
+pub const MAX_TILE_ROWS: [usize; 3] = [12, 12, 9];
+
+/// A tile's working set (its input rows, scratch and output rows) in floats: 384 KiB, which
+/// stays in a 1-2 MiB L2 beside the weights streaming through.
+pub const TILE_FLOATS: usize = 96 * 1024;
+
+/// A strided convolution (stem, merges) whose weights exceed this many floats (1 MiB) would
+/// fetch them from L3 again for every output row's product; it gathers a tile's patches into
+/// one product instead.
+pub const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
+
+/// Fewest output pixels per product: with fewer, the register tiles run mostly empty.
+pub const MIN_PRODUCT_PIXELS: usize = 16;
+
+/// Winograd patches transformed per round of its 16 products: their transformed inputs (16 cp
+/// floats each) fill about this many floats, within 12..=96 patches and a multiple of 12 (the
+/// microkernel's row tile).
+pub const WINOGRAD_ROUND_FLOATS: usize = 32 * 1024;
+
+/// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
+pub fn min_rows_for(width: usize) -> usize {
+    MIN_PRODUCT_PIXELS.div_ceil(width)
+}

@@ -1,0 +1,48 @@
+//! The CPU kernels behind fasternet-serve's fast engine: products of activation rows with
+//! weights packed once at load time, with the epilogue (bias, activation, residual) fused.
+//!
+//! - [`Kernels`] (`cpu.rs`) is the one detection of the CPU's features: a token that only
+//!   `detect()` and `detect_bf16()` make, and that every dispatch below takes.
+//! - [`Weights`], [`matmul`] and [`matmul_bf16`] (`gemm.rs`): the packed layouts and our
+//!   AVX-512 microkernel (fp32 or AVX512-BF16 operands), or the `gemm` crate on any CPU.
+//! - `amx.rs`: the same products on AMX tiles.
+//! - [`Winograd`] (`winograd.rs`): the 3x3 convolution by F(2x2, 3x3).
+//! - `loops.rs`: the portable path's epilogue, the erf approximation, patch gathering.
+//! - [`blocking`]: the sizes work is cut by, together.
+//!
+//! Every `unsafe fn` states its contract under `# Safety` and every `unsafe` block why it
+//! holds (the crate's lints deny both omissions). The tests compare each kernel set this CPU
+//! runs with the portable one; `.ci/run` also runs them under valgrind, where the CPU appears
+//! without AVX-512, so that the portable path is checked for memory errors (Miri needs a
+//! nightly toolchain and cannot run the SIMD intrinsics).
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+pub mod blocking;
+mod cpu;
+mod gemm;
+mod loops;
+pub mod winograd;
+
+#[cfg(target_arch = "x86_64")]
+pub use amx::available as amx_available;
+pub use cpu::{Isa, Kernels};
+pub use gemm::{matmul, matmul_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16, Weights};
+pub use loops::im2col;
+pub use winograd::Winograd;
+
+/// The activation an epilogue applies. GELU is the exact erf form, as `torch.nn.GELU()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    Relu,
+}
+
+/// `v` grown to at least `len` elements (never shrunk: scratch kept between calls), as a
+/// slice of exactly `len`.
+pub fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
