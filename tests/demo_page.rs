@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{require_tool, Server};
+use common::{require_tool, run_to_end, Server};
 
 #[tokio::test]
 async fn the_page_is_served_with_a_strict_policy_and_can_be_turned_off() {
@@ -66,25 +66,16 @@ async fn the_page_works_in_a_real_browser() {
     let keyed = Server::start(&["--api-key", "demo-key-3141"]).await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let screenshot = root.join("target/demo-page.png");
-    let out = tokio::task::spawn_blocking({
-        let (url, keyed_url) = (open.base.clone(), keyed.base.clone());
-        move || {
-            std::process::Command::new("python3")
-                .arg(root.join("tests/browser/demo_page.py"))
-                .env("SE_OFFLINE", "true") // Selenium Manager must not look for drivers online
-                .args(["--url", &url, "--keyed-url", &keyed_url, "--key", "demo-key-3141"])
-                .arg("--screenshot")
-                .arg(&screenshot)
-                .arg(root.join("tests/fixtures/fashion_mnist_t10k_0.png"))
-                .arg(root.join("tests/fixtures/preprocess/inputs/chelsea.png"))
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let report =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut browser = std::process::Command::new("python3");
+    browser
+        .arg(root.join("tests/browser/demo_page.py"))
+        .env("SE_OFFLINE", "true") // Selenium Manager must not look for drivers online
+        .args(["--url", &open.base, "--keyed-url", &keyed.base, "--key", "demo-key-3141"])
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .arg(root.join("tests/fixtures/fashion_mnist_t10k_0.png"))
+        .arg(root.join("tests/fixtures/preprocess/inputs/chelsea.png"));
+    let (status, report) = run_to_end(browser).await;
     eprintln!("{report}");
-    assert!(out.status.success(), "the browser test failed:\n{report}");
+    assert!(status.success(), "the browser test failed:\n{report}");
 }

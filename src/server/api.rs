@@ -19,7 +19,9 @@ pub fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> 
     query.map(|Query(q)| q).map_err(|e| ApiError::InvalidRequest(e.body_text()))
 }
 
+/// Unknown parameters are refused: a misspelt `top_k` must not be silently ignored.
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ClassifyQuery {
     /// Labels per image, 1..=num_classes (default: the server's --default-top-k).
@@ -27,7 +29,9 @@ pub struct ClassifyQuery {
     pub top_k: Option<String>,
 }
 
+/// Unknown parameters are refused: a misspelt `top_k` must not be silently ignored.
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct EmbedQuery {
     /// Scale each vector to unit L2 norm (default false).

@@ -129,6 +129,17 @@ pub fn small_png(seed: u8) -> Vec<u8> {
     out
 }
 
+/// Runs a command to the end off the async runtime (a test's server keeps answering); its
+/// status and its stdout and stderr as one text.
+pub async fn run_to_end(mut command: Command) -> (std::process::ExitStatus, String) {
+    let out = tokio::task::spawn_blocking(move || command.output().expect("the command runs"))
+        .await
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status, text)
+}
+
 /// Runs a command-line tool if it exists; None when it is not installed.
 pub fn tool_output(program: &str, args: &[&str]) -> Option<std::process::Output> {
     Command::new(program).args(args).output().ok()

@@ -84,8 +84,8 @@ impl FastEngine {
     }
 
     /// `images`: each (3, H, W) f32 of one shape, already checked by the caller. Read where they
-    /// lie: stacking a batch of 16 at 224 first copied 9.6 MB on the calling thread while the
-    /// compute threads waited.
+    /// lie: stacking a batch of 16 at 224 would copy 9.6 MB on the calling thread while the
+    /// compute threads wait.
     pub fn forward_each(&self, images: &[Tensor]) -> Result<ModelOutput, ModelError> {
         let (c, h, w) =
             images.first().ok_or_else(|| ModelError::Input("no images".into()))?.dims3()?;
