@@ -28,6 +28,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Serve the HTTP API (the default when no command is given).
     Serve(serve::ServeArgs),

@@ -22,9 +22,13 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[arg(long, env = "FASTERNET_HOST", default_value = "0.0.0.0")]
     host: IpAddr,
-    /// 0 picks a free port (logged at start-up).
+    /// 0 picks a free port (logged at start-up, and written to --address-file).
     #[arg(long, env = "FASTERNET_PORT", default_value_t = 8080)]
     port: u16,
+    /// Once the server accepts connections, write its address (host:port) to this file:
+    /// how a supervisor or a test learns the port that --port 0 picked.
+    #[arg(long, env = "FASTERNET_ADDRESS_FILE")]
+    address_file: Option<PathBuf>,
     /// Most images in one forward pass.
     #[arg(long, env = "FASTERNET_MAX_BATCH_SIZE", default_value_t = 16)]
     max_batch_size: usize,
@@ -141,6 +145,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
         api_keys,
         protect_metrics: args.protect_metrics,
         ui: args.ui,
+        address_file: args.address_file,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let classifier = Classifier::load(&args.model.load_options())

@@ -26,6 +26,7 @@ pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,8 @@ pub struct ServeConfig {
     pub protect_metrics: bool,
     /// Whether the demo page is served at /ui/ (and / redirects there).
     pub ui: bool,
+    /// Where to write the bound address once the server accepts connections.
+    pub address_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -238,6 +241,9 @@ pub async fn serve(
         config,
     });
     tracing::info!(%addr, "listening");
+    if let Some(path) = &state.config.address_file {
+        write_address(path, addr).with_context(|| format!("cannot write {}", path.display()))?;
+    }
 
     let (connections, grace) = (state.config.connections, state.config.shutdown_grace);
     let drain_state = state.clone();
@@ -265,4 +271,13 @@ pub async fn serve(
     }
     tracing::info!(?stopped, "server stopped");
     Ok(stopped)
+}
+
+/// Writes `addr` and a newline to `path` through a rename, so that a reader never sees a
+/// partial file: whoever waits for it (a supervisor, a test) can connect once it exists.
+fn write_address(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, format!("{addr}\n"))?;
+    std::fs::rename(&partial, path)
 }

@@ -14,24 +14,21 @@ pub struct Server {
     pub logs: mpsc::Receiver<String>,
     /// The log lines up to and including `listening`.
     pub startup_logs: Vec<String>,
+    /// Holds the address file.
+    _dir: tempfile::TempDir,
 }
 
 impl Server {
-    /// Starts the bundled model with extra flags and waits until /readyz answers 200.
+    /// Starts the bundled model with extra flags and waits until /readyz answers 200. The
+    /// address comes from `--address-file`, as a supervisor would learn it.
     pub async fn start(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let address_file = dir.path().join("address");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--threads",
-                "2",
-                "--log-format",
-                "json",
-            ])
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--threads", "2"])
+            .args(["--log-format", "json", "--address-file"])
+            .arg(&address_file)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -48,18 +45,25 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut startup_logs = Vec::new();
         let addr = loop {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("a `listening` log line");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            startup_logs.push(line);
-            if v["fields"]["message"] == "listening" {
-                break v["fields"]["addr"].as_str().unwrap().to_string();
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                break text.trim().to_string();
             }
+            if let Some(status) = child.try_wait().unwrap() {
+                let said: Vec<String> = logs.try_iter().collect();
+                panic!("the server exited ({status}) before serving:\n{}", said.join("\n"));
+            }
+            assert!(Instant::now() < deadline, "the server wrote no address file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let server = Server { child, base: format!("http://{addr}"), logs, startup_logs };
+        // The start-up log ends with `listening`, written before the address file.
+        let mut startup_logs = Vec::new();
+        while !startup_logs.last().is_some_and(|l: &String| l.contains("\"listening\"")) {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            startup_logs.push(logs.recv_timeout(wait).expect("the start-up log"));
+        }
+        let server =
+            Server { child, base: format!("http://{addr}"), logs, startup_logs, _dir: dir };
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(server.url("/readyz")).send().await {

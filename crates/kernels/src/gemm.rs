@@ -582,7 +582,10 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// `tile` on bf16 segments and a bf16 panel: each step multiplies a pair of k.
+    /// `tile` on bf16 segments and a bf16 panel: each step multiplies a pair of k. A separate
+    /// function rather than `tile` made generic over the element: the bf16 loop must be
+    /// compiled with AVX512-BF16 enabled to inline its `vdpbf16ps`, which the fp32 tile must
+    /// not require, and Rust cannot make `target_feature` depend on a type parameter.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile_bf16<const R: usize, const NV: usize>(
@@ -696,7 +699,7 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The same exact-erf GELU as `kernels::gelu` (same coefficients), on 16 lanes; the
+    /// The same exact-erf GELU as `loops::gelu` (same coefficients), on 16 lanes; the
     /// division is a reciprocal estimate refined by one Newton step (full single precision).
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -882,7 +885,7 @@ mod tests {
     }
 
     /// The GELU epilogues of this CPU's kernels against the portable one (itself checked
-    /// against the f64 definition in `kernels::tests`) from -12 to 12, past the erf clamps:
+    /// against the f64 definition in `loops::tests`) from -12 to 12, past the erf clamps:
     /// the exact one to 1e-6 relative, the bf16 engine's to 1e-4 |x|.
     #[test]
     fn gelu_epilogue_agrees_with_the_portable_one_over_a_wide_range() {
