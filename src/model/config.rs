@@ -17,30 +17,51 @@ pub enum Variant {
     L,
 }
 
+/// One published size: adding a variant is its name in [`Variant`] and a row in [`PRESETS`].
+struct Preset {
+    variant: Variant,
+    name: &'static str,
+    embed_dim: usize,
+    depths: [usize; 4],
+    act: Activation,
+}
+
+/// The paper's Table 1 (mlp_ratio 2, n_div 4 and feature_dim 1280 are shared).
+const PRESETS: [Preset; 6] = {
+    use Activation::*;
+    use Variant::*;
+    [
+        Preset { variant: T0, name: "t0", embed_dim: 40, depths: [1, 2, 8, 2], act: Gelu },
+        Preset { variant: T1, name: "t1", embed_dim: 64, depths: [1, 2, 8, 2], act: Gelu },
+        Preset { variant: T2, name: "t2", embed_dim: 96, depths: [1, 2, 8, 2], act: Relu },
+        Preset { variant: S, name: "s", embed_dim: 128, depths: [1, 2, 13, 2], act: Relu },
+        Preset { variant: M, name: "m", embed_dim: 144, depths: [3, 4, 18, 3], act: Relu },
+        Preset { variant: L, name: "l", embed_dim: 192, depths: [3, 4, 18, 3], act: Relu },
+    ]
+};
+
 impl Variant {
-    pub const ALL: [Variant; 6] = [Self::T0, Self::T1, Self::T2, Self::S, Self::M, Self::L];
+    pub const ALL: [Variant; PRESETS.len()] = {
+        let mut all = [Variant::T0; PRESETS.len()];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = PRESETS[i].variant;
+            i += 1;
+        }
+        all
+    };
+
+    fn preset(self) -> &'static Preset {
+        PRESETS.iter().find(|p| p.variant == self).expect("every variant has a preset row")
+    }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Self::T0 => "t0",
-            Self::T1 => "t1",
-            Self::T2 => "t2",
-            Self::S => "s",
-            Self::M => "m",
-            Self::L => "l",
-        }
+        self.preset().name
     }
 
     fn shape(self) -> (usize, [usize; 4], Activation) {
-        use Activation::*;
-        match self {
-            Self::T0 => (40, [1, 2, 8, 2], Gelu),
-            Self::T1 => (64, [1, 2, 8, 2], Gelu),
-            Self::T2 => (96, [1, 2, 8, 2], Relu),
-            Self::S => (128, [1, 2, 13, 2], Relu),
-            Self::M => (144, [3, 4, 18, 3], Relu),
-            Self::L => (192, [3, 4, 18, 3], Relu),
-        }
+        let p = self.preset();
+        (p.embed_dim, p.depths, p.act)
     }
 }
 
@@ -58,7 +79,8 @@ impl FromStr for Variant {
         let short = s.trim().to_ascii_lowercase();
         let short = short.strip_prefix("fasternet_").unwrap_or(&short);
         Self::ALL.into_iter().find(|v| v.name() == short).ok_or_else(|| {
-            format!("unknown FasterNet variant `{s}` (expected one of t0, t1, t2, s, m, l)")
+            let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+            format!("unknown FasterNet variant `{s}` (expected one of {})", names.join(", "))
         })
     }
 }
@@ -188,6 +210,18 @@ impl FasterNetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The match is exhaustive: a new variant does not compile here until it is named, and
+    /// then fails until it has its row in `PRESETS`.
+    #[test]
+    fn every_variant_has_a_preset_row() {
+        use Variant::*;
+        for v in [T0, T1, T2, S, M, L] {
+            match v {
+                T0 | T1 | T2 | S | M | L => assert!(Variant::ALL.contains(&v), "{v:?}"),
+            }
+        }
+    }
 
     #[test]
     fn presets_round_trip_through_names() {

@@ -671,9 +671,8 @@ pub(crate) mod avx512 {
             // No address arithmetic per k: the rows' byte offsets (0, s, .., 5s from `lo` for rows
             // 0-5, the same from `hi` for 6-11) are opaque to LLVM (`black_box`), so it keeps a base
             // register per row with one shared index. Written as `rowp.add(r * stride)`, loop
-            // strength reduction rebuilt the addresses every k as a chain of lea/add (8 integer
-            // uops per 24 FMAs), which cost 2-5% on an Intel core, where they compete with the FMAs
-            // for ports.
+            // strength reduction rebuilds the addresses every k as a chain of lea/add (8 integer
+            // uops per 24 FMAs), which compete with the FMAs for ports on Intel cores.
             let sb = 4 * stride;
             let (s1, s3, s5) = std::hint::black_box((sb, 3 * sb, 5 * sb));
             let offsets = [0, s1, 2 * s1, s3, 4 * s1, s5];

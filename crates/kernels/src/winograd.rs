@@ -20,8 +20,8 @@ use crate::{grow, loops};
 pub const ROWS: usize = 2;
 
 /// The fewest convolved channels for which this beats the direct convolution: with fewer, the
-/// 16 products (k = cp) are too short and the transforms cost more than they save (T0's first
-/// stage, cp = 10: 1.9x slower; cp = 20: even; cp = 24: 5% faster, cp = 96: 1.6x faster).
+/// 16 products (k = cp) are too short and the transforms cost more than they save (the
+/// per-layer measurements are in docs/benchmark-log.md).
 pub const MIN_CHANNELS: usize = 24;
 
 /// The partial convolution's weights transformed: U(xi) = (G g G^T)(xi) for the 16 points xi
