@@ -37,6 +37,12 @@ RUN set -eu; \
 # ---- builder -----------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
+# nasm assembles libjpeg-turbo's SIMD code; without it (an offline build on a base image that
+# lacks it) the build falls back to plain C, which decodes large JPEGs 10-20% slower.
+RUN command -v nasm >/dev/null \
+    || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nasm=2.16.01-1 \
+        && rm -rf /var/lib/apt/lists/*) \
+    || echo "nasm unavailable: libjpeg-turbo without SIMD"
 COPY --from=sources /deps/ ./
 # Dependency layer: every crate in Cargo.lock, compiled against stub targets (empty main.rs /
 # lib.rs, any other `path = "*.rs"` target in Cargo.toml, each workspace member's lib.rs).

@@ -9,7 +9,9 @@ use crate::labels::Labels;
 use crate::model::{
     Checkpoint, Engine, FasterNet, FasterNetConfig, HubConfig, ModelError, ModelOutput, Variant,
 };
-use crate::preprocess::{ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS};
+use crate::preprocess::{
+    DecodeMode, ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS,
+};
 
 /// Where the bundled model lives, relative to the working directory.
 pub const BUNDLED_WEIGHTS: &str = "weights";
@@ -48,6 +50,7 @@ pub struct LoadOptions {
     /// Overrides config.json's crop_pct (or the ImageNet default of 0.9).
     pub crop_pct: Option<f64>,
     pub max_pixels: u64,
+    pub decode: DecodeMode,
     /// Benchmarking: ignore `weights` and use random weights of this variant (1000 classes,
     /// ImageNet preprocessing).
     pub random_init: Option<Variant>,
@@ -61,6 +64,7 @@ impl Default for LoadOptions {
             variant: None,
             crop_pct: None,
             max_pixels: DEFAULT_MAX_PIXELS,
+            decode: DecodeMode::default(),
             random_init: None,
             engine: Engine::default(),
         }
@@ -114,7 +118,7 @@ impl Classifier {
         };
         Ok(Self::new(
             model,
-            Preprocessor::new(preprocess, options.max_pixels),
+            Preprocessor::new(preprocess, options.max_pixels).with_decode(options.decode),
             labels,
             name,
             source,

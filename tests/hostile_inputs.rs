@@ -106,6 +106,14 @@ fn bundled() -> Preprocessor {
     )
 }
 
+/// A 32-pixel input: JPEGs of a few hundred pixels are decoded at 1/2 to 1/8 scale.
+fn tiny() -> Preprocessor {
+    Preprocessor::new(
+        PreprocessConfig { input_size: (32, 32), crop_pct: 1.0, ..PreprocessConfig::imagenet() },
+        50_000_000,
+    )
+}
+
 fn fixtures(dir: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -179,11 +187,12 @@ fn preparing_an_image_never_allocates_more_than_its_plan() {
     let images: Vec<_> = fixtures("formats")
         .into_iter()
         .chain(fixtures("preprocess/inputs"))
+        .chain(fixtures("photos"))
         .chain(generated())
         .chain([animation()])
         .collect();
     for (name, bytes) in &images {
-        for (config, pre) in [("224", imagenet()), ("64", bundled())] {
+        for (config, pre) in [("224", imagenet()), ("64", bundled()), ("32", tiny())] {
             let plan = pre.plan(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
             let (tensor, used) = measure(|| pre.prepare(bytes, &plan));
             tensor.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -400,6 +409,11 @@ fn image_seeds() -> Vec<(String, Vec<u8>)> {
     )
     .unwrap();
     seeds.push(("progressive.jpg".into(), progressive));
+    let camera = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos/coffee_744x496.jpg"),
+    )
+    .unwrap();
+    seeds.push(("camera_420.jpg".into(), camera));
     seeds.push((
         "rotated.jpg".into(),
         common::with_exif_orientation(&encode(&photo, ImageFormat::Jpeg), 8),
@@ -429,7 +443,7 @@ fn regressions_found_by_fuzzing_stay_fixed() {
     let _serial = serial();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/regressions");
     for (name, bytes) in fixtures("regressions") {
-        for pre in [imagenet(), bundled()] {
+        for pre in [imagenet(), bundled(), tiny()] {
             check_image(&pre, &bytes)
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.join(&name).display()));
         }
@@ -443,12 +457,15 @@ fn fuzz_images_never_panic_or_outgrow_their_plan() {
     let mut rng = StdRng::seed_from_u64(seed);
     let seeds = image_seeds();
     // A small pixel limit keeps every iteration quick; the plan is checked all the same.
+    // Every other iteration at a 32-pixel input, where the JPEG seeds take the scaled decoder.
     let pre = Preprocessor::new(PreprocessConfig::imagenet(), 4_000_000);
+    let scaled = Preprocessor { max_pixels: 4_000_000, ..tiny() };
     let (mut accepted, started) = (0, std::time::Instant::now());
     for i in 0..iterations {
         let (name, base) = &seeds[i % seeds.len()];
         let input = mutate(&mut rng, base);
-        if let Err(e) = check_image(&pre, &input) {
+        let pre = if (i / seeds.len()).is_multiple_of(2) { &pre } else { &scaled };
+        if let Err(e) = check_image(pre, &input) {
             save_failure(&format!("image-{seed}-{i}"), &input);
             panic!("seed {seed}, iteration {i}, from {name}: {e}");
         }

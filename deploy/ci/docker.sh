@@ -6,7 +6,7 @@
 #      pull: its registry traffic goes to a dead proxy. Stopped by PID on exit.
 #   2. Local base images from debootstrap (bookworm, from the mirror apt uses) + `docker import`:
 #      local/debian:bookworm-slim (runtime) and local/rust:bookworm (the same plus gcc,
-#      libc6-dev and a copy of this machine's Rust toolchain). The rootfs tarballs are cached in
+#      libc6-dev, nasm and a copy of this machine's Rust toolchain). The rootfs tarballs are cached in
 #      $FASTERNET_CI_CACHE, so reruns skip debootstrap.
 #   3. `cargo vendor` into vendor/ (removed again on exit when this script created it), then
 #      `docker build --network=none --build-arg RUST_IMAGE=... --build-arg RUNTIME_IMAGE=...`.
@@ -33,7 +33,7 @@ IMAGE=fasternet-serve:ci
 RUST_BASE=local/rust:bookworm
 RUNTIME_BASE=local/debian:bookworm-slim
 SUITE=bookworm
-RECIPE=1                      # bump when the base-image recipe below changes (new cache keys)
+RECIPE=2                      # bump when the base-image recipe below changes (new cache keys)
 BUILDKIT=${FASTERNET_CI_BUILDKIT:-1}
 CPUS=${FASTERNET_CI_CPUS:-1}
 GRACE=30                      # the server's default FASTERNET_SHUTDOWN_GRACE_SECONDS
@@ -162,7 +162,7 @@ else
     log "cached: $RUNTIME_TAR"
 fi
 if [ ! -f "$RUST_TAR" ]; then
-    make_rootfs "$D/rootfs-rust" --include=gcc,libc6-dev,ca-certificates
+    make_rootfs "$D/rootfs-rust" --include=gcc,libc6-dev,ca-certificates,nasm
     # The host's toolchain: rustc, cargo, their shared libraries and the host target's std
     # (lib/rustlib/<host> also holds rust-lld, the default linker of x86_64 Linux since 1.90).
     mkdir -p "$D/rootfs-rust/usr/local/rust/bin" "$D/rootfs-rust/usr/local/rust/lib/rustlib" "$D/rootfs-rust/usr/local/cargo"

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -5,6 +6,10 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 
 use fasternet_serve::model::{Engine, FasterNet, FasterNetConfig, FasterNetWeights, Variant};
+use fasternet_serve::preprocess::{
+    DecodeMode, Plan, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS,
+};
+use fasternet_serve::server::memory::{self, ProcessMemory};
 
 use super::init_threads;
 
@@ -29,11 +34,21 @@ pub struct BenchArgs {
     /// Forward-pass implementation: fast, fast-bf16 or reference.
     #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
     engine: Engine,
+    /// Time preprocessing instead (decode, resize, crop, normalise to the `--size` input with
+    /// ImageNet's crop 0.9) of these image files, one thread, `--seconds` each.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// With `--images`: how JPEGs are decoded (fast or exact).
+    #[arg(long, env = "FASTERNET_DECODE", default_value = "fast")]
+    decode: DecodeMode,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let threads = init_threads(args.threads);
     let (h, w) = parse_size(&args.size)?;
+    if !args.images.is_empty() {
+        return preprocessing(&args, (h, w));
+    }
     let config = FasterNetConfig::preset(args.variant, args.num_classes);
     let model = FasterNet::with_engine(FasterNetWeights::random(&config, 0)?, args.engine)?;
     eprintln!(
@@ -67,6 +82,48 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             args.variant,
             batch as f64 / per_batch,
             per_batch * 1e3
+        );
+    }
+    Ok(0)
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// Milliseconds per image from encoded bytes to the normalised tensor, one file at a time.
+fn preprocessing(args: &BenchArgs, input_size: (usize, usize)) -> anyhow::Result<i32> {
+    let config = PreprocessConfig { input_size, ..PreprocessConfig::imagenet() };
+    let pre = Preprocessor::new(config, DEFAULT_MAX_PIXELS).with_decode(args.decode);
+    for path in &args.images {
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        let once = || -> anyhow::Result<Plan> {
+            let plan = pre.plan(&bytes)?;
+            pre.prepare(&bytes, &plan)?;
+            Ok(plan)
+        };
+        // Measured on the second run: the first also faults in code and allocator arenas.
+        once()?;
+        memory::reset_peak();
+        let before = ProcessMemory::read();
+        let plan = once()?;
+        let peak = match (before, ProcessMemory::read()) {
+            (Some(before), Some(after)) => {
+                format!("{:.1} MiB", after.peak.saturating_sub(before.resident) as f64 / MIB)
+            }
+            _ => "unknown".into(),
+        };
+        let (start, mut runs) = (Instant::now(), 0u32);
+        while runs < 3 || start.elapsed().as_secs_f64() < args.seconds {
+            once()?;
+            runs += 1;
+        }
+        println!(
+            "{}: {:.2} ms/image ({} decode, 1/{} scale, {runs} runs; peak memory {peak}, planned \
+             {:.1} MiB)",
+            path.display(),
+            start.elapsed().as_secs_f64() * 1e3 / runs as f64,
+            format!("{:?}", args.decode).to_lowercase(),
+            plan.divisor,
+            plan.peak_bytes as f64 / MIB,
         );
     }
     Ok(0)

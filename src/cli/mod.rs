@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 
 use fasternet_serve::classifier::{LoadOptions, BUNDLED_WEIGHTS};
 use fasternet_serve::model::{Engine, Variant};
-use fasternet_serve::preprocess::DEFAULT_MAX_PIXELS;
+use fasternet_serve::preprocess::{DecodeMode, DEFAULT_MAX_PIXELS};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,10 @@ pub struct ModelArgs {
     /// Reject images whose header declares more pixels than this.
     #[arg(long, env = "FASTERNET_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// JPEGs at least twice the resize target: fast decodes at 1/2, 1/4 or 1/8 scale in the
+    /// DCT domain; exact decodes at full size (timm's pipeline pixel for pixel).
+    #[arg(long, env = "FASTERNET_DECODE", default_value = "fast")]
+    pub decode: DecodeMode,
     /// Compute threads (default: the CPUs this process may use, cgroup quota included).
     #[arg(long, env = "FASTERNET_THREADS")]
     pub threads: Option<usize>,
@@ -78,6 +82,7 @@ impl ModelArgs {
             variant: self.variant,
             crop_pct: self.crop_pct,
             max_pixels: self.max_pixels,
+            decode: self.decode,
             random_init: self.random_init,
             engine: self.engine,
         }

@@ -12,6 +12,8 @@ use std::io::Cursor;
 use image::metadata::Orientation;
 use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
+use super::jpeg;
+
 /// Largest image accepted by default: 50 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
 
@@ -97,6 +99,8 @@ pub struct Header {
     pub orientation: Orientation,
     /// Size of the encoded image.
     pub encoded_bytes: usize,
+    /// A JPEG's structure, from its markers.
+    pub jpeg: Option<jpeg::Layout>,
 }
 
 impl Header {
@@ -115,9 +119,7 @@ impl Header {
         if width == 0 || height == 0 {
             return Err(ImageError::Corrupt(format!("image has no pixels ({width}x{height})")));
         }
-        if format == ImageFormat::Jpeg {
-            check_jpeg_complete(bytes)?;
-        }
+        let jpeg = if format == ImageFormat::Jpeg { Some(jpeg::read_layout(bytes)?) } else { None };
         let orientation = decoder.orientation().map_err(map_error)?;
         Ok(Self {
             format,
@@ -126,6 +128,7 @@ impl Header {
             color: decoder.color_type(),
             orientation,
             encoded_bytes: bytes.len(),
+            jpeg,
         })
     }
 
@@ -184,13 +187,18 @@ impl Header {
             DynamicImage::ImageRgb8(rgb) => rgb,
             other => other.to_rgb8(),
         };
-        if self.orientation == Orientation::NoTransforms {
-            return Ok(rgb);
-        }
-        let mut oriented = DynamicImage::ImageRgb8(rgb);
-        oriented.apply_orientation(self.orientation);
-        Ok(oriented.into_rgb8())
+        Ok(orient(rgb, self.orientation))
     }
+}
+
+/// Applies an EXIF orientation.
+pub fn orient(rgb: RgbImage, orientation: Orientation) -> RgbImage {
+    if orientation == Orientation::NoTransforms {
+        return rgb;
+    }
+    let mut oriented = DynamicImage::ImageRgb8(rgb);
+    oriented.apply_orientation(orientation);
+    oriented.into_rgb8()
 }
 
 /// Header and decode in one call, for callers that need no admission step.
@@ -208,79 +216,10 @@ fn reader(bytes: &[u8], max_alloc: u64) -> Result<ImageReader<Cursor<&[u8]>>, Im
     Ok(reader)
 }
 
-/// A JPEG whose data ends before its end-of-image marker is truncated. The JPEG decoder fills
-/// what is missing with grey and carries on, as browsers do; PIL refuses such files, and so do
-/// we. Segments are walked by their lengths; inside a scan, a marker is 0xFF followed by a
-/// byte other than 0x00 (a stuffed 0xFF) or a restart marker's. Stray bytes between segments
-/// are skipped, as libjpeg does.
-fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
-    let truncated = || {
-        ImageError::Corrupt("JPEG data ends before its end-of-image marker (truncated file)".into())
-    };
-    let mut at = 2; // after SOI
-    loop {
-        at += memchr::memchr(0xFF, bytes.get(at..).unwrap_or_default()).ok_or_else(truncated)?;
-        while bytes.get(at + 1) == Some(&0xFF) {
-            at += 1; // fill bytes before a marker
-        }
-        let marker = *bytes.get(at + 1).ok_or_else(truncated)?;
-        at += 2;
-        match marker {
-            0xD9 => return Ok(()),
-            0x00 | 0x01 | 0xD0..=0xD7 => continue, // no length field
-            _ => {}
-        }
-        let len = bytes
-            .get(at..at + 2)
-            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-            .ok_or_else(truncated)?;
-        at += len;
-        if at > bytes.len() {
-            return Err(truncated());
-        }
-        if marker == 0xDA {
-            // Entropy-coded data: stop at the next real marker, which the outer loop reads.
-            loop {
-                at += memchr::memchr(0xFF, &bytes[at..]).ok_or_else(truncated)?;
-                match bytes.get(at + 1) {
-                    None => return Err(truncated()),
-                    Some(0x00 | 0xD0..=0xD7) => at += 2,
-                    Some(_) => break,
-                }
-            }
-        }
-    }
-}
-
 fn map_error(e: image::ImageError) -> ImageError {
     match e {
         image::ImageError::Unsupported(_) => ImageError::Unsupported,
         image::ImageError::Limits(limit) => ImageError::OverLimits(limit.to_string()),
         other => ImageError::Corrupt(other.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn jpeg() -> Vec<u8> {
-        let img = RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
-        let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).unwrap();
-        out
-    }
-
-    #[test]
-    fn a_complete_jpeg_passes_and_every_cut_fails() {
-        let data = jpeg();
-        check_jpeg_complete(&data).unwrap();
-        for cut in [data.len() - 1, data.len() - 2, data.len() * 2 / 3, data.len() / 3, 40, 3] {
-            assert!(check_jpeg_complete(&data[..cut]).is_err(), "cut at {cut} of {}", data.len());
-        }
-        // Bytes after the end marker (camera trailers) are fine.
-        let mut trailer = data.clone();
-        trailer.extend_from_slice(b"trailing data");
-        check_jpeg_complete(&trailer).unwrap();
     }
 }

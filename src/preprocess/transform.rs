@@ -32,10 +32,60 @@ pub fn resize_target(config: &PreprocessConfig, width: u32, height: u32) -> (u32
     }
 }
 
+/// The part of an image a resize reads, in pixels (fractional where the image's edge falls
+/// inside a pixel).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Region {
+    pub left: f64,
+    pub top: f64,
+    pub width: f64,
+    pub height: f64,
+}
+
+impl Region {
+    pub fn whole(image: &RgbImage) -> Self {
+        Self { left: 0.0, top: 0.0, width: image.width() as f64, height: image.height() as f64 }
+    }
+
+    /// A `width` x `height` region of an oriented image, touching the corner where the
+    /// stored image's origin landed: that of an image decoded from whole blocks, where only
+    /// the part from the stored origin on is picture.
+    pub fn at_origin_corner(
+        image: &RgbImage,
+        (width, height): (f64, f64),
+        orientation: image::metadata::Orientation,
+    ) -> Self {
+        // Where (0, 0) goes, found by orienting a 2x2 image with that pixel marked.
+        let mut probe = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(2, 2, |x, y| {
+            image::Luma([u8::from(x == 0 && y == 0)])
+        }));
+        probe.apply_orientation(orientation);
+        let probe = probe.into_luma8();
+        let (x, y) = (0..4).map(|i| (i % 2, i / 2)).find(|&(x, y)| probe[(x, y)][0] == 1).unwrap();
+        Self {
+            left: if x == 0 { 0.0 } else { image.width() as f64 - width },
+            top: if y == 0 { 0.0 } else { image.height() as f64 - height },
+            width,
+            height,
+        }
+    }
+}
+
 /// Resizes like PIL: a horizontal pass, rounded and clamped to 8 bits, then a vertical pass.
 /// Doing the passes separately (each a one-dimensional fast_image_resize convolution)
 /// reproduces PIL's intermediate rounding, which a fused two-dimensional resize does not.
 pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
+    resize_region(image, Region::whole(image), width, height, interpolation)
+}
+
+/// [`resize`] of a region of the image (PIL's `box` argument).
+pub fn resize_region(
+    image: &RgbImage,
+    region: Region,
+    width: u32,
+    height: u32,
+    interpolation: Interpolation,
+) -> RgbImage {
     let (width, height) = (width.max(1), height.max(1));
     let filter = match interpolation {
         Interpolation::Bicubic => FilterType::CatmullRom, // PIL's BICUBIC (a = -0.5)
@@ -43,23 +93,60 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpol
     };
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let mut resizer = Resizer::new();
-    let mut pass = |src: &[u8], (sw, sh): (u32, u32), (w, h): (u32, u32)| -> Vec<u8> {
+    let mut pass = |src: &[u8], (sw, sh): (u32, u32), (w, h): (u32, u32), crop: ResizeOptions| {
         let src = ImageRef::new(sw, sh, src, PixelType::U8x3)
             .expect("an RGB buffer has exactly width*height*3 bytes");
         let mut dst = Image::new(w, h, PixelType::U8x3);
-        resizer.resize(&src, &mut dst, &options).expect("source and destination are both U8x3");
+        resizer.resize(&src, &mut dst, &crop).expect("source and destination are both U8x3");
         dst.into_vec()
     };
     let source = (image.width(), image.height());
+    let whole = Region::whole(image);
     // PIL skips a pass whose axis keeps its size; so do we (and copy nothing then).
-    let horizontal = (source.0 != width).then(|| pass(image.as_raw(), source, (width, source.1)));
+    let horizontal_needed =
+        source.0 != width || region.left != whole.left || region.width != whole.width;
+    let horizontal = horizontal_needed.then(|| {
+        let crop = options.crop(region.left, 0.0, region.width, source.1 as f64);
+        pass(image.as_raw(), source, (width, source.1), crop)
+    });
     let rows: &[u8] = horizontal.as_deref().unwrap_or(image.as_raw());
-    let both = if source.1 != height {
-        pass(rows, (width, source.1), (width, height))
+    let vertical_needed =
+        source.1 != height || region.top != whole.top || region.height != whole.height;
+    let both = if vertical_needed {
+        let crop = options.crop(0.0, region.top, width as f64, region.height);
+        pass(rows, (width, source.1), (width, height), crop)
     } else {
         horizontal.unwrap_or_else(|| image.as_raw().clone())
     };
     RgbImage::from_raw(width, height, both).expect("destination buffer has the right size")
+}
+
+/// Undoes most of the blur of a box filter one pixel wide, as a JPEG decoded at 1/8 scale has
+/// (each pixel the mean of its 8x8 block): a separable [-a, 1 + 2a, -a] with a = 1/24, which
+/// cancels the box's variance (1/12 pixel squared) so that the resize after it blurs about as
+/// much as the full-size path's resize alone. Edges repeat their last pixel.
+pub fn unblur_box(image: &RgbImage) -> RgbImage {
+    // [-1, 26, -1] / 24 on each axis, in integers: exact, and rounded once at the end.
+    let stride = image.width() as usize * 3;
+    let height = image.height() as usize;
+    let mut rows = vec![0i32; stride * height];
+    for (src, dst) in image.as_raw().chunks_exact(stride).zip(rows.chunks_exact_mut(stride)) {
+        for (i, out) in dst.iter_mut().enumerate() {
+            let left = src[i.saturating_sub(3).max(i % 3)];
+            let right = src[if i + 3 < stride { i + 3 } else { i }];
+            *out = 26 * src[i] as i32 - left as i32 - right as i32;
+        }
+    }
+    let mut out = vec![0u8; stride * height];
+    for (y, dst) in out.chunks_exact_mut(stride).enumerate() {
+        let row = |y: usize| &rows[y * stride..][..stride];
+        let (up, here, down) = (row(y.saturating_sub(1)), row(y), row((y + 1).min(height - 1)));
+        for (i, out) in dst.iter_mut().enumerate() {
+            let scaled = 26 * here[i] - up[i] - down[i]; // 576 times the result
+            *out = (scaled + 288).div_euclid(576).clamp(0, 255) as u8;
+        }
+    }
+    RgbImage::from_raw(image.width(), image.height(), out).expect("same size as the input")
 }
 
 /// torchvision's CenterCrop: offsets round half to even; a crop larger than the image pads
@@ -120,6 +207,25 @@ mod tests {
         assert_eq!(resize_target(&cfg((224, 224), 0.9), 451, 300), (372, 248));
         assert_eq!(resize_target(&cfg((224, 224), 0.9), 300, 451), (248, 372));
         assert_eq!(resize_target(&cfg((64, 64), 1.0), 28, 28), (64, 64));
+    }
+
+    #[test]
+    fn unblur_box_is_minus_1_26_minus_1_over_24_on_each_axis() {
+        let flat = RgbImage::from_pixel(5, 4, image::Rgb([7, 130, 255]));
+        assert_eq!(unblur_box(&flat), flat);
+        // One bright pixel: 26/24 squared at the centre, -26/576 beside it, 1/576 diagonally.
+        let mut dot = RgbImage::from_pixel(5, 5, image::Rgb([50, 100, 100]));
+        dot.put_pixel(2, 2, image::Rgb([50 + 144, 100, 100]));
+        let out = unblur_box(&dot);
+        assert_eq!(out.get_pixel(2, 2).0, [50 + 169, 100, 100]); // 144 * 676 / 576 = 169
+        assert_eq!(out.get_pixel(1, 2).0, [44, 100, 100]); // 50 - 144 * 26 / 576 = 43.5
+        assert_eq!(out.get_pixel(1, 1).0, [50, 100, 100]); // 50 + 144 / 576
+                                                           // Edges repeat their last pixel: a ramp's end stays where it was.
+        let ramp = RgbImage::from_fn(4, 1, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+        assert_eq!(
+            unblur_box(&ramp).as_raw().chunks(3).map(|p| p[0]).collect::<Vec<_>>(),
+            [0, 10, 20, 30]
+        );
     }
 
     #[test]
