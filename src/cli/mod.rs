@@ -60,8 +60,9 @@ pub struct ModelArgs {
     /// Reject images whose header declares more pixels than this.
     #[arg(long, env = "FASTERNET_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
-    /// JPEGs at least twice the resize target: fast decodes at 1/2, 1/4 or 1/8 scale in the
-    /// DCT domain; exact decodes at full size (timm's pipeline pixel for pixel).
+    /// fast: a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale (in the DCT domain)
+    /// that keeps it at least twice the resize target (1.5 times at 1/8); exact: at full size
+    /// (timm's pipeline pixel for pixel).
     #[arg(long, env = "FASTERNET_DECODE", default_value = "fast")]
     pub decode: DecodeMode,
     /// Compute threads (default: the CPUs this process may use, cgroup quota included).

@@ -18,6 +18,11 @@ use super::ImageError;
 /// The scales libjpeg decodes at, as divisors of each side.
 pub const SCALE_DIVISORS: [u32; 4] = [8, 4, 2, 1];
 
+/// Most scans a JPEG may have. A progressive decoder passes over every block once per scan,
+/// so thousands of tiny scans make a small file cost minutes; real encoders write at most a
+/// few dozen. zune-jpeg, the full-size decoder, has the same limit.
+const MAX_SCANS: usize = 100;
+
 /// What the markers say about decoding a JPEG, read without decoding anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -57,7 +62,7 @@ pub fn read_layout(bytes: &[u8]) -> Result<Layout, ImageError> {
     let truncated = || {
         ImageError::Corrupt("JPEG data ends before its end-of-image marker (truncated file)".into())
     };
-    let mut layout = Layout { scalable: false, multi_scan: false, coefficient_bytes: 0 };
+    let mut frame: Option<(Layout, u8)> = None; // and the frame's component count
     let mut scans = 0;
     let mut at = 2; // after SOI
     loop {
@@ -69,8 +74,9 @@ pub fn read_layout(bytes: &[u8]) -> Result<Layout, ImageError> {
         at += 2;
         match marker {
             0xD9 => {
-                layout.multi_scan |= scans > 1;
-                return Ok(layout);
+                let unscalable =
+                    Layout { scalable: false, multi_scan: false, coefficient_bytes: 0 };
+                return Ok(frame.map_or(unscalable, |(layout, _)| layout));
             }
             0x00 | 0x01 | 0xD0..=0xD7 => continue, // no length field
             _ => {}
@@ -84,10 +90,23 @@ pub fn read_layout(bytes: &[u8]) -> Result<Layout, ImageError> {
         match marker {
             // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
             0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
-                layout = frame_layout(marker, segment);
+                if frame.is_some() {
+                    return Err(ImageError::Corrupt("JPEG has more than one frame header".into()));
+                }
+                frame = Some(frame_layout(marker, segment));
             }
             0xDA => {
                 scans += 1;
+                if scans > MAX_SCANS {
+                    return Err(ImageError::Corrupt(format!(
+                        "JPEG has more than {MAX_SCANS} scans"
+                    )));
+                }
+                // As libjpeg decides: a first scan without every component of the frame
+                // means the whole image's coefficients are buffered.
+                if let (1, Some((layout, components))) = (scans, frame.as_mut()) {
+                    layout.multi_scan |= segment.first().is_some_and(|&n| n < *components);
+                }
                 // Entropy-coded data: stop at the next real marker, which the outer loop reads.
                 loop {
                     at += memchr::memchr(0xFF, &bytes[at..]).ok_or_else(truncated)?;
@@ -103,9 +122,10 @@ pub fn read_layout(bytes: &[u8]) -> Result<Layout, ImageError> {
     }
 }
 
-/// The layout a start-of-frame segment (after its length field) declares.
-fn frame_layout(marker: u8, segment: &[u8]) -> Layout {
-    let unscalable = Layout { scalable: false, multi_scan: false, coefficient_bytes: 0 };
+/// The layout a start-of-frame segment (after its length field) declares, and its component
+/// count.
+fn frame_layout(marker: u8, segment: &[u8]) -> (Layout, u8) {
+    let unscalable = (Layout { scalable: false, multi_scan: false, coefficient_bytes: 0 }, 0);
     // precision, height (2), width (2), component count, then 3 bytes per component.
     let [precision, h0, h1, w0, w1, count, ref components @ ..] = *segment else {
         return unscalable;
@@ -133,11 +153,16 @@ fn frame_layout(marker: u8, segment: &[u8]) -> Layout {
             blocks_w * blocks_h * 64 * 2
         })
         .sum();
-    Layout { scalable: true, multi_scan: marker == 0xC2, coefficient_bytes }
+    (Layout { scalable: true, multi_scan: marker == 0xC2, coefficient_bytes }, count)
 }
 
 /// A libjpeg error, carried out of the C code by unwinding.
-struct Failure(String);
+struct Failure {
+    message: String,
+    /// libjpeg needed memory past `max_memory_to_use` (it would have used a temporary file,
+    /// which this build does not have) or malloc failed.
+    over_memory_limit: bool,
+}
 
 /// Decodes a JPEG at 1/`divisor` of its size (1, 2, 4 or 8) into RGB. libjpeg may hold at
 /// most `memory_limit` bytes in its large buffers; a file that needs more is refused.
@@ -212,12 +237,12 @@ pub fn decode_scaled(
         Ok(Ok(decoded)) => decoded,
         Ok(Err(message)) => return Err(ImageError::Corrupt(message)),
         Err(payload) => match payload.downcast::<Failure>() {
-            Ok(failure) if failure.0.contains("Backing store") => {
+            Ok(failure) if failure.over_memory_limit => {
                 return Err(ImageError::OverLimits(format!(
                     "decoding this JPEG needs more than {memory_limit} bytes"
                 )))
             }
-            Ok(failure) => return Err(ImageError::Corrupt(failure.0)),
+            Ok(failure) => return Err(ImageError::Corrupt(failure.message)),
             Err(other) => resume_unwind(other),
         },
     };
@@ -239,21 +264,28 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 }
 
 extern "C-unwind" fn error_exit(cinfo: &mut ffi::jpeg_common_struct) {
-    let mut buffer = [0u8; 80];
+    /// libjpeg's JMSG_LENGTH_MAX.
+    const MESSAGE_LENGTH: usize = 200;
+    type FormatMessage =
+        unsafe extern "C-unwind" fn(&mut ffi::jpeg_common_struct, *mut std::ffi::c_char);
+    let mut buffer = [0u8; MESSAGE_LENGTH];
     // SAFETY: libjpeg calls this with its own struct, whose `err` is the manager set up in
-    // decode_scaled; format_message writes at most JMSG_LENGTH_MAX (80) bytes, NUL included.
-    // mozjpeg-sys declares the buffer `&[u8; 80]` although libjpeg writes to it, so it is
-    // passed as a pointer cast from a mutable one.
-    let message = unsafe {
+    // decode_scaled. format_message writes at most JMSG_LENGTH_MAX bytes, NUL included, into
+    // its buffer: mozjpeg-sys declares that parameter `&[u8; 80]`, which would promise a
+    // read-only 80 bytes, so the function is called through its C signature (same ABI: one
+    // struct pointer and one char pointer) with a writable buffer of the C size.
+    let (code, message) = unsafe {
         let err = &*cinfo.err;
         if let Some(format) = err.format_message {
-            format(cinfo, &*(&mut buffer as *mut [u8; 80]));
+            let format: FormatMessage = std::mem::transmute(format);
+            format(cinfo, buffer.as_mut_ptr().cast());
         }
         let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
-        String::from_utf8_lossy(&buffer[..end]).into_owned()
+        (err.msg_code, String::from_utf8_lossy(&buffer[..end]).into_owned())
     };
+    let over_memory_limit = matches!(code, ffi::JERR_NO_BACKING_STORE | ffi::JERR_OUT_OF_MEMORY);
     // resume_unwind, unlike panic!, does not run the panic hook: this is an error, not a bug.
-    resume_unwind(Box::new(Failure(message)));
+    resume_unwind(Box::new(Failure { message, over_memory_limit }));
 }
 
 /// Warnings (corrupt data that libjpeg recovers from) are ignored, as PIL does; truncation,
@@ -288,6 +320,28 @@ mod tests {
         let mut trailer = data.clone();
         trailer.extend_from_slice(b"trailing data");
         read_layout(&trailer).unwrap();
+    }
+
+    /// SOI, a baseline frame of one 8x8 component, `scans` scans of one byte each, EOI.
+    fn with_scans(scans: usize, extra_frame: bool) -> Vec<u8> {
+        let mut out = vec![0xFF, 0xD8];
+        let frame = [0xFF, 0xC0, 0, 11, 8, 0, 8, 0, 8, 1, 1, 0x11, 0];
+        out.extend_from_slice(&frame);
+        if extra_frame {
+            out.extend_from_slice(&frame);
+        }
+        for _ in 0..scans {
+            out.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x55]);
+        }
+        out.extend_from_slice(&[0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn a_second_frame_header_or_too_many_scans_are_refused() {
+        assert!(read_layout(&with_scans(MAX_SCANS, false)).is_ok());
+        assert!(read_layout(&with_scans(MAX_SCANS + 1, false)).is_err());
+        assert!(read_layout(&with_scans(1, true)).is_err());
     }
 
     #[test]

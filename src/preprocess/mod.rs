@@ -201,10 +201,13 @@ impl Preprocessor {
         let rgb = |(w, h): (u32, u32)| w as u64 * h as u64 * 3;
         let decoding = match header.jpeg {
             Some(layout) if divisor > 1 => {
-                // libjpeg's buffers and its output (4 bytes a pixel for CMYK), then the RGB
-                // conversion beside it, or the orientation's copy.
                 let pixels = decoded.0 as u64 * decoded.1 as u64;
-                layout.working_bytes(header.width) + 7 * pixels
+                // libjpeg's buffers with its output (4 bytes a pixel for CMYK) and the RGB
+                // conversion; then the image with the unblurring's buffers (at 1/8), or the
+                // image and the orientation's copy.
+                let libjpeg = layout.working_bytes(header.width) + 7 * pixels;
+                let unblur = if divisor == 8 { transform::UNBLUR_BYTES_PER_PIXEL } else { 0 };
+                libjpeg.max((3 + unblur) * pixels).max(6 * pixels)
             }
             _ => header.decoder_bytes(),
         };
@@ -262,7 +265,7 @@ impl Preprocessor {
         }
         // The last block row and column can be partly padding: only W/d x H/d of the decoded
         // pixels are image, at the corner where the stored origin lands once oriented.
-        let stored = if plan.divisor == 8 { transform::unblur_box(&stored) } else { stored };
+        let stored = if plan.divisor == 8 { transform::unblur_box(stored) } else { stored };
         let image = decode::orient(stored, header.orientation);
         let (width, height) = header.oriented_dimensions();
         let extent = (width as f64 / plan.divisor as f64, height as f64 / plan.divisor as f64);

@@ -121,20 +121,25 @@ pub fn resize_region(
     RgbImage::from_raw(width, height, both).expect("destination buffer has the right size")
 }
 
+/// Bytes [`unblur_box`] holds per pixel beside its input (which it frees when done): the
+/// horizontal pass (i16) and the output.
+pub const UNBLUR_BYTES_PER_PIXEL: u64 = 3 * 2 + 3;
+
 /// Undoes most of the blur of a box filter one pixel wide, as a JPEG decoded at 1/8 scale has
 /// (each pixel the mean of its 8x8 block): a separable [-a, 1 + 2a, -a] with a = 1/24, which
 /// cancels the box's variance (1/12 pixel squared) so that the resize after it blurs about as
 /// much as the full-size path's resize alone. Edges repeat their last pixel.
-pub fn unblur_box(image: &RgbImage) -> RgbImage {
-    // [-1, 26, -1] / 24 on each axis, in integers: exact, and rounded once at the end.
+pub fn unblur_box(image: RgbImage) -> RgbImage {
+    // [-1, 26, -1] / 24 on each axis, in integers: exact, and rounded once at the end. The
+    // horizontal pass (24 times its result, -510..=6630) fits in i16.
     let stride = image.width() as usize * 3;
     let height = image.height() as usize;
-    let mut rows = vec![0i32; stride * height];
+    let mut rows = vec![0i16; stride * height];
     for (src, dst) in image.as_raw().chunks_exact(stride).zip(rows.chunks_exact_mut(stride)) {
         for (i, out) in dst.iter_mut().enumerate() {
             let left = src[i.saturating_sub(3).max(i % 3)];
             let right = src[if i + 3 < stride { i + 3 } else { i }];
-            *out = 26 * src[i] as i32 - left as i32 - right as i32;
+            *out = 26 * src[i] as i16 - left as i16 - right as i16;
         }
     }
     let mut out = vec![0u8; stride * height];
@@ -142,7 +147,7 @@ pub fn unblur_box(image: &RgbImage) -> RgbImage {
         let row = |y: usize| &rows[y * stride..][..stride];
         let (up, here, down) = (row(y.saturating_sub(1)), row(y), row((y + 1).min(height - 1)));
         for (i, out) in dst.iter_mut().enumerate() {
-            let scaled = 26 * here[i] - up[i] - down[i]; // 576 times the result
+            let scaled = 26 * here[i] as i32 - up[i] as i32 - down[i] as i32; // 576 times it
             *out = (scaled + 288).div_euclid(576).clamp(0, 255) as u8;
         }
     }
@@ -212,18 +217,18 @@ mod tests {
     #[test]
     fn unblur_box_is_minus_1_26_minus_1_over_24_on_each_axis() {
         let flat = RgbImage::from_pixel(5, 4, image::Rgb([7, 130, 255]));
-        assert_eq!(unblur_box(&flat), flat);
+        assert_eq!(unblur_box(flat.clone()), flat);
         // One bright pixel: 26/24 squared at the centre, -26/576 beside it, 1/576 diagonally.
         let mut dot = RgbImage::from_pixel(5, 5, image::Rgb([50, 100, 100]));
         dot.put_pixel(2, 2, image::Rgb([50 + 144, 100, 100]));
-        let out = unblur_box(&dot);
+        let out = unblur_box(dot);
         assert_eq!(out.get_pixel(2, 2).0, [50 + 169, 100, 100]); // 144 * 676 / 576 = 169
         assert_eq!(out.get_pixel(1, 2).0, [44, 100, 100]); // 50 - 144 * 26 / 576 = 43.5
         assert_eq!(out.get_pixel(1, 1).0, [50, 100, 100]); // 50 + 144 / 576
                                                            // Edges repeat their last pixel: a ramp's end stays where it was.
         let ramp = RgbImage::from_fn(4, 1, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
         assert_eq!(
-            unblur_box(&ramp).as_raw().chunks(3).map(|p| p[0]).collect::<Vec<_>>(),
+            unblur_box(ramp).as_raw().chunks(3).map(|p| p[0]).collect::<Vec<_>>(),
             [0, 10, 20, 30]
         );
     }
