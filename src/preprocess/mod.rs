@@ -263,10 +263,10 @@ impl Preprocessor {
         if stored.dimensions() != expected {
             return Err(ImageError::Corrupt("the header changed between two reads".into()));
         }
-        // The last block row and column can be partly padding: only W/d x H/d of the decoded
-        // pixels are image, at the corner where the stored origin lands once oriented.
         let stored = if plan.divisor == 8 { transform::unblur_box(stored) } else { stored };
         let image = decode::orient(stored, header.orientation);
+        // The last block row and column can be partly padding: only W/d x H/d of the decoded
+        // pixels are image, at the corner where the stored origin lands once oriented.
         let (width, height) = header.oriented_dimensions();
         let extent = (width as f64 / plan.divisor as f64, height as f64 / plan.divisor as f64);
         let region = transform::Region::at_origin_corner(&image, extent, header.orientation);
