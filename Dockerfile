@@ -12,8 +12,8 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # ---- sources: the subset of the context that the dependency layer depends on --------------
 # COPY cannot copy an optional path, and vendor/ exists only when crates were vendored
 # (`cargo vendor`, as CI does for offline builds). So the whole context lands here and
-# /deps receives Cargo.toml, Cargo.lock and, when vendor/ exists, the crates plus a cargo
-# config that points at them. The builder's `COPY --from=sources /deps/` is cached by
+# /deps receives Cargo.toml, Cargo.lock, build.rs with proto/ (the gRPC code it generates)
+# and, when vendor/ exists, the crates plus a cargo config that points at them. The builder's `COPY --from=sources /deps/` is cached by
 # content: editing src/ does not invalidate the dependency build below.
 # The model files end up root-owned and world-readable (the service only reads them).
 FROM ${RUST_IMAGE} AS sources
@@ -21,7 +21,8 @@ WORKDIR /src
 COPY . .
 RUN set -eu; \
     mkdir -p /deps/.cargo; \
-    cp Cargo.toml Cargo.lock /deps/; \
+    cp Cargo.toml Cargo.lock build.rs /deps/; \
+    cp -r proto /deps/proto; \
     for member in crates/*/; do mkdir -p "/deps/$member" && cp "$member/Cargo.toml" "/deps/$member"; done; \
     if [ -f .cargo/config.toml ]; then cp .cargo/config.toml /deps/.cargo/config.toml; fi; \
     if [ -d vendor ]; then \

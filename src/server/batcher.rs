@@ -233,6 +233,9 @@ mod tests {
                 top_k
             ]),
             Task::Embed { .. } => Outcome::Embedding(vec![v, v]),
+            Task::Tensors { .. } => {
+                Outcome::Tensors { probabilities: Some(vec![v]), features: None }
+            }
         }
     }
 

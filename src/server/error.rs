@@ -36,6 +36,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("no such route")]
     NotFound,
+    /// The v2 protocol's model name or version names another model.
+    #[error("{0}")]
+    UnknownModel(String),
     /// An error response made by the HTTP layers rather than a handler (405, a malformed
     /// header, ...), rewritten into the JSON form.
     #[error("{message}")]
@@ -76,7 +79,7 @@ impl ApiError {
             }
             Self::InvalidImage { .. } | Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownModel(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,6 +108,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::InvalidRequest(_) => "invalid_request",
             Self::NotFound => "not_found",
+            Self::UnknownModel(_) => "unknown_model",
             Self::Internal(_) => "internal",
         }
     }

@@ -113,6 +113,29 @@ pub async fn read_images(
     } else {
         return Err(ApiError::UnsupportedMediaType(mime));
     };
+    let (body, memory) =
+        read_body_reserved(headers, body, limits, pool, deadline, kind.copies()).await?;
+    let images = match kind {
+        BodyKind::Raw => vec![EncodedImage { filename: None, bytes: body }],
+        BodyKind::Multipart => read_multipart(content_type, body, max_images).await?,
+        BodyKind::Json => read_json(&body, max_images)?,
+    };
+    if images.is_empty() {
+        return Err(ApiError::InvalidRequest("the request holds no image".into()));
+    }
+    Ok(Images { images, memory })
+}
+
+/// Reserves `copies` times the body's declared length (or the body limit when undeclared),
+/// then reads it; the reservation shrinks to `copies` times what arrived.
+pub async fn read_body_reserved(
+    headers: &HeaderMap,
+    body: Body,
+    limits: &BodyLimits,
+    pool: &MemoryPool,
+    deadline: Instant,
+    copies: u64,
+) -> Result<(Bytes, Reservation), ApiError> {
     let declared = match headers.get(header::CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(
@@ -126,23 +149,15 @@ pub async fn read_images(
         return Err(ApiError::BodyTooLarge(limits.max_bytes));
     }
     let expected = declared.unwrap_or(limits.max_bytes as u64);
-    let mut memory = match pool.reserve(expected * kind.copies(), limits.memory_wait).await {
+    let mut memory = match pool.reserve(expected * copies, limits.memory_wait).await {
         Ok(memory) => memory,
         Err(Refused::Busy) => return Err(ApiError::ServerBusy),
         // The server refuses to start unless a body of the limit fits the pool.
         Err(Refused::NeverFits { .. }) => return Err(ApiError::BodyTooLarge(limits.max_bytes)),
     };
     let body = read_body(body, expected as usize, limits, deadline).await?;
-    memory.shrink_to(body.len() as u64 * kind.copies());
-    let images = match kind {
-        BodyKind::Raw => vec![EncodedImage { filename: None, bytes: body }],
-        BodyKind::Multipart => read_multipart(content_type, body, max_images).await?,
-        BodyKind::Json => read_json(&body, max_images)?,
-    };
-    if images.is_empty() {
-        return Err(ApiError::InvalidRequest("the request holds no image".into()));
-    }
-    Ok(Images { images, memory })
+    memory.shrink_to(body.len() as u64 * copies);
+    Ok((body, memory))
 }
 
 /// Collects the body into one buffer of `capacity` bytes (grown only past a declared length,
@@ -236,23 +251,25 @@ fn read_json(body: &[u8], max_images: usize) -> Result<Vec<EncodedImage>, ApiErr
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            let data = match text.strip_prefix("data:") {
-                Some(url) => url.split_once(',').map(|(_, d)| d).unwrap_or(""),
-                None => text,
-            };
-            let data: Cow<str> = if data.bytes().any(|b| b.is_ascii_whitespace()) {
-                Cow::Owned(data.chars().filter(|c| !c.is_ascii_whitespace()).collect())
-            } else {
-                Cow::Borrowed(data)
-            };
-            base64::engine::general_purpose::STANDARD
-                .decode(data.as_bytes())
-                .map(|b| EncodedImage { filename: None, bytes: Bytes::from(b) })
-                .map_err(|e| {
-                    ApiError::InvalidRequest(format!("images[{index}] is not valid base64: {e}"))
-                })
+            decode_base64(text).map(|bytes| EncodedImage { filename: None, bytes }).map_err(|e| {
+                ApiError::InvalidRequest(format!("images[{index}] is not valid base64: {e}"))
+            })
         })
         .collect()
+}
+
+/// A base64-encoded file, optionally as a `data:` URL, whitespace allowed.
+pub fn decode_base64(text: &str) -> Result<Bytes, base64::DecodeError> {
+    let data = match text.strip_prefix("data:") {
+        Some(url) => url.split_once(',').map(|(_, d)| d).unwrap_or(""),
+        None => text,
+    };
+    let data: Cow<str> = if data.bytes().any(|b| b.is_ascii_whitespace()) {
+        Cow::Owned(data.chars().filter(|c| !c.is_ascii_whitespace()).collect())
+    } else {
+        Cow::Borrowed(data)
+    };
+    base64::engine::general_purpose::STANDARD.decode(data.as_bytes()).map(Bytes::from)
 }
 
 /// Most bytes of an unread body read and thrown away (see [`drain_if_unread`]).

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub memory_reserved: IntGauge,
     pub open_connections: IntGauge,
     pub header_timeouts: IntCounter,
+    pub grpc_requests: IntCounterVec,
+    pub grpc_request_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -65,6 +67,8 @@ impl Metrics {
             memory_reserved: reg(&registry, IntGauge::new("fasternet_memory_reserved_bytes", "Bytes reserved by requests in progress.").unwrap()),
             open_connections: reg(&registry, IntGauge::new("fasternet_open_connections", "Open HTTP connections.").unwrap()),
             header_timeouts: reg(&registry, IntCounter::new("fasternet_header_timeouts_total", "Connections closed because a request head did not arrive in time.").unwrap()),
+            grpc_requests: reg(&registry, IntCounterVec::new(Opts::new("fasternet_grpc_requests_total", "gRPC inference calls answered, by method and status code."), &["method", "code"]).unwrap()),
+            grpc_request_duration: reg(&registry, HistogramVec::new(secs("fasternet_grpc_request_duration_seconds", "Time from gRPC inference call to answer, by method."), &["method"]).unwrap()),
             registry,
         };
         let build = IntGaugeVec::new(

@@ -6,6 +6,8 @@
 //! - [`api`]: the JSON types of the API and its OpenAPI document.
 //! - [`auth`]: optional API keys.
 //! - [`ui`]: the demo page.
+//! - [`v2`]: the Open Inference Protocol (KServe v2), over REST and gRPC.
+//! - [`inference`]: admission, preprocessing and the batcher: what every front door shares.
 //! - [`input`]: request bodies to encoded images.
 //! - [`memory`]: the memory budget every request reserves from.
 //! - [`batcher`]: the queue and the inference worker thread.
@@ -16,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod batcher;
 pub mod error;
+pub mod inference;
 pub mod input;
 pub mod listener;
 pub mod memory;
@@ -23,6 +26,7 @@ pub mod metrics;
 pub mod middleware;
 pub mod routes;
 pub mod ui;
+pub mod v2;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,6 +51,8 @@ use metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub addr: SocketAddr,
+    /// Where the v2 gRPC service listens; `None`: off.
+    pub grpc_addr: Option<SocketAddr>,
     pub batch: BatchConfig,
     pub request_timeout: Duration,
     pub body: BodyLimits,
@@ -229,6 +235,15 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", config.addr))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match config.grpc_addr {
+        Some(grpc) => Some(
+            TcpListener::bind(grpc)
+                .await
+                .with_context(|| format!("cannot listen for gRPC on {grpc}"))?,
+        ),
+        None => None,
+    };
+    let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone())?;
     let state = Arc::new(AppState {
         answer_values: model.num_classes + model.feature_dim,
@@ -240,15 +255,26 @@ pub async fn serve(
         draining: AtomicBool::new(false),
         config,
     });
-    tracing::info!(%addr, "listening");
+    // When the shutdown signal came: the gRPC server's signal, and the start of its grace.
+    let (grpc_stop, grpc_stopped) = tokio::sync::watch::channel(None);
+    let grpc = grpc_listener.map(|listener| {
+        let mut stopped = grpc_stopped.clone();
+        let signal = async move {
+            let _ = stopped.wait_for(Option::is_some).await;
+        };
+        tokio::spawn(v2::grpc::serve(state.clone(), listener, signal))
+    });
+    tracing::info!(%addr, grpc = grpc_addr.map(|a| a.to_string()), "listening");
     if let Some(path) = &state.config.address_file {
-        write_address(path, addr).with_context(|| format!("cannot write {}", path.display()))?;
+        write_address(path, addr, grpc_addr)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
     let (connections, grace) = (state.config.connections, state.config.shutdown_grace);
     let drain_state = state.clone();
     let on_shutdown = move || {
         drain_state.draining.store(true, Ordering::SeqCst);
+        let _ = grpc_stop.send(Some(tokio::time::Instant::now()));
         tracing::info!(grace_seconds = grace.as_secs_f64(), "shutdown signal: draining");
     };
     let stopped = listener::run(
@@ -261,6 +287,24 @@ pub async fn serve(
         grace,
     )
     .await;
+    let stopped = match grpc {
+        None => stopped,
+        // gRPC calls in progress get what is left of the grace period.
+        Some(mut task) => {
+            let since = grpc_stopped.borrow().unwrap_or_else(tokio::time::Instant::now);
+            match tokio::time::timeout_at(since + grace, &mut task).await {
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "the gRPC server failed");
+                    stopped
+                }
+                Ok(_) => stopped,
+                Err(_) => {
+                    task.abort();
+                    Stopped::GraceExpired
+                }
+            }
+        }
+    };
     if stopped == Stopped::GraceExpired {
         tracing::warn!("grace period over with requests still open");
     }
@@ -273,11 +317,13 @@ pub async fn serve(
     Ok(stopped)
 }
 
-/// Writes `addr` and a newline to `path` through a rename, so that a reader never sees a
-/// partial file: whoever waits for it (a supervisor, a test) can connect once it exists.
-fn write_address(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+/// Writes `addr` and a newline (then the gRPC address and a newline, when gRPC is on) to
+/// `path` through a rename, so that a reader never sees a partial file: whoever waits for it
+/// (a supervisor, a test) can connect once it exists.
+fn write_address(path: &Path, addr: SocketAddr, grpc: Option<SocketAddr>) -> std::io::Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
-    std::fs::write(&partial, format!("{addr}\n"))?;
+    let grpc = grpc.map(|a| format!("{a}\n")).unwrap_or_default();
+    std::fs::write(&partial, format!("{addr}\n{grpc}"))?;
     std::fs::rename(&partial, path)
 }

@@ -1,6 +1,5 @@
 //! The router and the handlers: admission, decoding and the trip through the batcher.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +12,6 @@ use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::oneshot;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -22,27 +20,22 @@ use super::api::{
     query, BatchingInfo, ClassifyQuery, ClassifyResponse, ClassifyResult, EmbedQuery,
     EmbedResponse, EmbedResult, ModelInfo, ModelsResponse,
 };
-use super::batcher::Job;
 use super::error::{ApiError, ErrorBody};
-use super::input::{read_images, EncodedImage, ImageFile, ImagesJson, ImagesMultipart};
-use super::memory::{Refused, Reservation};
+use super::inference::{self, Inferred, Inputs};
+use super::input::{read_images, ImageFile, ImagesJson, ImagesMultipart};
 use super::middleware::{
     cap_request_id, every_response, record_metrics, require_api_key, REQUEST_ID,
 };
 use super::AppState;
-use crate::classifier::{Outcome, Task};
-use crate::preprocess::{ImageError, Plan};
-
-/// Bytes an answer holds per output value until the response is written: the f32 in the
-/// worker's answer and its JSON text.
-const ANSWER_BYTES_PER_VALUE: u64 = 24;
+use crate::classifier::Task;
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Only API calls are logged per request; probes and scrapes would drown them.
     let mut api = Router::new()
         .route("/classify", post(classify))
         .route("/embed", post(embed))
-        .route("/v1/models", get(models));
+        .route("/v1/models", get(models))
+        .merge(super::v2::rest::model_routes());
     if state.config.api_keys.is_some() {
         api = api.layer(from_fn_with_state(state.clone(), require_api_key));
     }
@@ -59,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(super::v2::rest::open_routes())
         .merge(metrics_route)
         .merge(api);
     if state.config.ui {
@@ -76,18 +70,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             HeaderValue::from_static("nosniff"),
         ))
         .with_state(state)
-}
-
-/// Images answered by the worker, with the timings that go into response headers.
-struct Inferred {
-    filenames: Vec<Option<String>>,
-    outcomes: Vec<Outcome>,
-    preprocess: Duration,
-    /// The longest of the images' waits in the queue, and of their forward passes.
-    queue: Duration,
-    inference: Duration,
-    /// Held until the response is written.
-    _memory: Vec<Reservation>,
 }
 
 #[utoipa::path(post, path = "/classify", params(ClassifyQuery),
@@ -185,7 +167,7 @@ pub async fn embed(
     Ok(with_timings(Json(body).into_response(), &inferred, started))
 }
 
-/// Admission, decoding and the trip through the batcher, all under the request timeout.
+/// The JSON routes' inputs: image files in the body (see [`read_images`]).
 async fn infer(
     state: &Arc<AppState>,
     headers: &HeaderMap,
@@ -193,14 +175,9 @@ async fn infer(
     route: &'static str,
     task: Task,
 ) -> Result<Inferred, ApiError> {
-    if state.draining.load(Ordering::SeqCst) {
-        return Err(ApiError::ShuttingDown);
-    }
     let cfg = &state.config;
-    let timeout = cfg.request_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let work = async {
-        let mut read = read_images(
+    let (inferred, ()) = inference::infer(state, route, |deadline| async move {
+        let images = read_images(
             headers,
             body,
             &cfg.body,
@@ -209,131 +186,17 @@ async fn infer(
             deadline,
         )
         .await?;
-        // Reserve queue slots for every image before decoding any: a full queue rejects fast.
-        let reservation = state
-            .batcher
-            .try_reserve(read.images.len())
-            .ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
-        let preprocess_start = Instant::now();
-        let filenames: Vec<Option<String>> =
-            read.images.iter().map(|i| i.filename.clone()).collect();
-        let images = std::mem::take(&mut read.images);
-        let prepared = futures_util::future::join_all(
-            images.into_iter().enumerate().map(|(index, image)| prepare(state, index, image)),
-        )
-        .await;
-        drop(read); // the encoded bytes and their memory
-        let preprocess = preprocess_start.elapsed();
-        let mut receivers = Vec::with_capacity(prepared.len());
-        let mut jobs = Vec::with_capacity(prepared.len());
-        let mut answers_memory = Vec::with_capacity(prepared.len());
-        for result in prepared {
-            let (image, memory, answer_memory) = result?;
-            let (reply, rx) = oneshot::channel();
-            jobs.push(Job { image, task, memory, enqueued: Instant::now(), reply });
-            receivers.push(rx);
-            answers_memory.push(answer_memory);
-        }
-        for (job, permit) in jobs.into_iter().zip(reservation) {
-            state.batcher.send(permit, job);
-        }
-        let (mut outcomes, mut queue, mut inference) =
-            (Vec::with_capacity(receivers.len()), Duration::ZERO, Duration::ZERO);
-        for rx in receivers {
-            let answer =
-                rx.await.map_err(|_| ApiError::Internal("the inference worker stopped".into()))?;
-            let answer = answer.map_err(ApiError::Internal)?;
-            queue = queue.max(answer.queue_wait);
-            inference = inference.max(answer.inference);
-            outcomes.push(answer.outcome);
-        }
-        state.metrics.images.with_label_values(&[route]).inc_by(outcomes.len() as u64);
-        Ok(Inferred { filenames, outcomes, preprocess, queue, inference, _memory: answers_memory })
-    };
-    match tokio::time::timeout_at(deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::Timeout(timeout.as_millis() as u64)),
-    }
+        Ok((Inputs::encoded(images, task), ()))
+    })
+    .await?;
+    Ok(inferred)
 }
 
-/// One image to a tensor: its header is read, the memory its preparation needs is reserved
-/// (waiting up to `--memory-wait-ms`), then it is decoded and preprocessed on the blocking
-/// pool, at most `preprocess_threads` at once; small images (`Preprocessor::is_small`, e.g.
-/// the bundled model's 28x28 uploads) right here, where the two thread hand-offs would cost
-/// more CPU than the work. A decoder panic fails only its image, either way. Returns the
-/// tensor with the memory it holds until its forward pass, and the memory its answer holds.
-async fn prepare(
-    state: &Arc<AppState>,
-    index: usize,
-    image: EncodedImage,
-) -> Result<(candle_core::Tensor, Reservation, Reservation), ApiError> {
-    let failed = |e: ImageError| image_error(index, &image.filename, e);
-    let preprocessor = state.classifier.preprocessor();
-    // Reading the header counts as preprocessing time; waiting for memory or a thread not.
-    let started = Instant::now();
-    let plan = preprocessor.plan(&image.bytes);
-    let header_time = started.elapsed();
-    let plan = plan.map_err(|e| {
-        state.metrics.preprocess_duration.observe(header_time.as_secs_f64());
-        failed(e)
-    })?;
-    let answer_bytes = state.answer_values as u64 * ANSWER_BYTES_PER_VALUE;
-    let mut memory = match state
-        .memory
-        .reserve(plan.peak_bytes + answer_bytes, state.config.memory_wait)
-        .await
-    {
-        Ok(memory) => memory,
-        Err(Refused::Busy) => return Err(ApiError::ServerBusy),
-        Err(Refused::NeverFits { needed, capacity }) => {
-            let reason = format!(
-                "preparing it needs {} MiB, more than the {} MiB this server has for requests",
-                needed.div_ceil(1 << 20),
-                capacity >> 20
-            );
-            return Err(ApiError::ImageTooLarge {
-                index,
-                filename: image.filename.clone(),
-                reason,
-            });
-        }
-    };
-    let run = move |state: &AppState, bytes: &[u8], plan: &Plan| {
-        let start = Instant::now();
-        let result =
-            catch_unwind(AssertUnwindSafe(|| state.classifier.preprocessor().prepare(bytes, plan)))
-                .unwrap_or_else(|_| {
-                    Err(ImageError::Corrupt("the decoder crashed on this image".into()))
-                });
-        state.metrics.preprocess_duration.observe((header_time + start.elapsed()).as_secs_f64());
-        result
-    };
-    let tensor = if preprocessor.is_small(&plan) {
-        run(state, &image.bytes, &plan)
-    } else {
-        let _permit =
-            state.preprocess_slots.acquire().await.expect("the semaphore is never closed");
-        let (state, bytes) = (state.clone(), image.bytes.clone());
-        tokio::task::spawn_blocking(move || run(&state, &bytes, &plan)).await.unwrap_or_else(|e| {
-            Err(ImageError::Corrupt(format!("preprocessing did not finish: {e}")))
-        })
-    }
-    .map_err(failed)?;
-    memory.shrink_to(plan.tensor_bytes + answer_bytes);
-    let answer_memory = memory.split_off(answer_bytes);
-    Ok((tensor, memory, answer_memory))
-}
-
-fn image_error(index: usize, filename: &Option<String>, e: ImageError) -> ApiError {
-    let (filename, reason) = (filename.clone(), e.to_string());
-    if e.is_too_large() {
-        ApiError::ImageTooLarge { index, filename, reason }
-    } else {
-        ApiError::InvalidImage { index, filename, reason }
-    }
-}
-
-fn with_timings(mut response: Response, inferred: &Inferred, started: Instant) -> Response {
+pub(super) fn with_timings(
+    mut response: Response,
+    inferred: &Inferred,
+    started: Instant,
+) -> Response {
     let ms = |d: Duration| {
         HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3))
             .expect("a number is a valid header value")

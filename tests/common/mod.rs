@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The gRPC address (host:port), when the server was started with `--grpc-port`.
+    pub grpc: Option<String>,
     pub logs: mpsc::Receiver<String>,
     /// The log lines up to and including `listening`.
     pub startup_logs: Vec<String>,
@@ -47,7 +49,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         let addr = loop {
             if let Ok(text) = std::fs::read_to_string(&address_file) {
-                break text.trim().to_string();
+                break text;
             }
             if let Some(status) = child.try_wait().unwrap() {
                 let said: Vec<String> = logs.try_iter().collect();
@@ -62,8 +64,10 @@ impl Server {
             let wait = deadline.saturating_duration_since(Instant::now());
             startup_logs.push(logs.recv_timeout(wait).expect("the start-up log"));
         }
-        let server =
-            Server { child, base: format!("http://{addr}"), logs, startup_logs, _dir: dir };
+        let mut lines = addr.lines();
+        let base = format!("http://{}", lines.next().expect("the HTTP address"));
+        let grpc = lines.next().map(str::to_string);
+        let server = Server { child, base, grpc, logs, startup_logs, _dir: dir };
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(server.url("/readyz")).send().await {

@@ -1,0 +1,325 @@
+//! The v2 protocol over gRPC (`inference.GRPCInferenceService`, generated from
+//! proto/grpc_predict_v2.proto) on its own port, `--grpc-port`. Requests take the same path
+//! as REST ones; outputs always come back as `raw_output_contents`. The largest message is
+//! the body limit, and its memory is reserved before it is read (see `ReserveMessage`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tonic::{Code, Request, Response, Status};
+
+use super::{
+    check_model, outputs, plan_outputs, read_inputs, tensors, Data, InputTensor, Requested,
+    EXTENSIONS, MODEL_VERSION, PLATFORM,
+};
+use crate::server::error::ApiError;
+use crate::server::inference::{self, Inputs};
+use crate::server::memory::{Refused, Reservation};
+use crate::server::AppState;
+
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::infer_parameter::ParameterChoice;
+use proto::model_infer_response::InferOutputTensor;
+use proto::model_metadata_response::TensorMetadata;
+use proto::*;
+
+/// The method path the images counter and the request metrics name.
+const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+/// Most bytes one ModelInfer message holds per byte on the wire: tonic's buffer and the
+/// decoded message (its `bytes` fields are slices of the buffer; FP32 contents are not).
+const MESSAGE_COPIES: u64 = 2;
+/// Streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Serves gRPC on `listener` until `shutdown` resolves; requests in progress then finish.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let limit = state.config.body.max_bytes;
+    let service = GrpcInferenceServiceServer::new(Service { state: state.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .tcp_nodelay(true)
+        .layer(tower::layer::layer_fn(move |inner| ReserveMessage { inner, state: state.clone() }))
+        .serve_with_incoming_shutdown(
+            service,
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}
+
+struct Service {
+    state: Arc<AppState>,
+}
+
+impl Service {
+    /// The model's calls need an API key when keys are configured, as over HTTP.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match &self.state.config.api_keys {
+            Some(keys)
+                if !keys.accepts(request.metadata().get("authorization").map(|v| v.as_bytes())) =>
+            {
+                Err(self.status(ApiError::Unauthorized))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The gRPC status for an error, counted like an HTTP rejection.
+    fn status(&self, e: ApiError) -> Status {
+        self.state.metrics.rejections.with_label_values(&[e.code()]).inc();
+        Status::new(code(&e), e.to_string())
+    }
+
+    fn ready(&self) -> bool {
+        !self.state.draining.load(Ordering::SeqCst)
+    }
+
+    async fn infer(
+        &self,
+        mut request: Request<ModelInferRequest>,
+    ) -> Result<ModelInferResponse, ApiError> {
+        let mut memory = request
+            .extensions_mut()
+            .remove::<MessageMemory>()
+            .and_then(|m| m.0.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .unwrap_or_default();
+        let request = request.into_inner();
+        memory.shrink_to(prost::Message::encoded_len(&request) as u64 * MESSAGE_COPIES);
+        check_model(&self.state, &request.model_name, Some(&request.model_version))?;
+        let state = &self.state;
+        let (mut inferred, (requested, id)) =
+            inference::infer(state, MODEL_INFER, |_| async move {
+                let requested = request.outputs.into_iter().map(|o| Requested {
+                    classification: match o
+                        .parameters
+                        .get("classification")
+                        .and_then(|p| p.parameter_choice.as_ref())
+                    {
+                        Some(ParameterChoice::Int64Param(k)) => {
+                            Some(usize::try_from(*k).unwrap_or(0))
+                        }
+                        _ => None,
+                    },
+                    binary: None,
+                    name: o.name,
+                });
+                let (requested, task) = plan_outputs(state, Some(requested.collect()))?;
+                let mut raw = request.raw_input_contents.into_iter();
+                let (h, w) = state.classifier.preprocessor().config.input_size;
+                let inputs = request
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        let contents = input.contents.clone().unwrap_or_default();
+                        let data = match raw.next() {
+                            Some(raw) => Data::Raw(raw),
+                            None if input.datatype == "BYTES" => {
+                                Data::Bytes(contents.bytes_contents)
+                            }
+                            None => Data::Fp32(
+                                contents
+                                    .fp32_contents
+                                    .chunks(3 * h * w)
+                                    .map(<[f32]>::to_vec)
+                                    .collect(),
+                            ),
+                        };
+                        InputTensor {
+                            name: &input.name,
+                            datatype: &input.datatype,
+                            shape: &input.shape,
+                            data,
+                        }
+                    })
+                    .collect();
+                let items = read_inputs(state, inputs)?;
+                Ok((Inputs { items, task, memory }, (requested, request.id)))
+            })
+            .await?;
+        let mut response = ModelInferResponse {
+            model_name: state.classifier.name().to_string(),
+            model_version: MODEL_VERSION.into(),
+            id,
+            ..Default::default()
+        };
+        for output in outputs(state, requested, &mut inferred)? {
+            response.raw_output_contents.push(output.data.to_raw().into());
+            response.outputs.push(InferOutputTensor {
+                name: output.name,
+                datatype: output.data.datatype().into(),
+                shape: output.shape,
+                ..Default::default()
+            });
+        }
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Service {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.ready() }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.get_ref();
+        check_model(&self.state, &r.name, Some(&r.version)).map_err(|e| self.status(e))?;
+        Ok(Response::new(ModelReadyResponse { ready: self.ready() }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.get_ref();
+        check_model(&self.state, &r.name, Some(&r.version)).map_err(|e| self.status(e))?;
+        let (inputs, outputs) = tensors(&self.state);
+        let convert = |t: Vec<super::TensorMetadata>| {
+            t.into_iter()
+                .map(|t| TensorMetadata {
+                    name: t.name.into(),
+                    datatype: t.datatype.into(),
+                    shape: t.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: self.state.classifier.name().into(),
+            versions: vec![MODEL_VERSION.into()],
+            platform: PLATFORM.into(),
+            inputs: convert(inputs),
+            outputs: convert(outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let started = Instant::now();
+        self.authorize(&request)?;
+        let result = self.infer(request).await;
+        let metrics = &self.state.metrics;
+        let code = result.as_ref().map_or_else(code, |_| Code::Ok);
+        metrics.grpc_requests.with_label_values(&[MODEL_INFER, code.description()]).inc();
+        metrics
+            .grpc_request_duration
+            .with_label_values(&[MODEL_INFER])
+            .observe(started.elapsed().as_secs_f64());
+        result.map(Response::new).map_err(|e| self.status(e))
+    }
+}
+
+/// The gRPC code for the HTTP status an error has on the REST routes.
+fn code(e: &ApiError) -> Code {
+    match e.status().as_u16() {
+        401 => Code::Unauthenticated,
+        404 => Code::NotFound,
+        408 | 504 => Code::DeadlineExceeded,
+        413 => Code::ResourceExhausted,
+        499 => Code::Cancelled,
+        503 => Code::Unavailable,
+        500..=599 => Code::Internal,
+        _ => Code::InvalidArgument,
+    }
+}
+
+/// The memory a ModelInfer message was read into, reserved by [`ReserveMessage`] and handed
+/// to the request (extensions must be `Clone`, hence the shared cell).
+#[derive(Clone)]
+struct MessageMemory(Arc<Mutex<Option<Reservation>>>);
+
+/// Reserves the memory of the largest ModelInfer message before tonic reads one, so that
+/// concurrent calls cannot hold more than the budget: a call that cannot get it within
+/// `--memory-wait-ms` is UNAVAILABLE without its message being read.
+#[derive(Clone)]
+struct ReserveMessage<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<axum::http::Request<B>> for ReserveMessage<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        // The clone is the one polled ready: swap it in (tower's documented pattern).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        Box::pin(async move {
+            if request.uri().path() == MODEL_INFER {
+                let bytes = state.config.body.max_bytes as u64 * MESSAGE_COPIES;
+                match state.memory.reserve(bytes, state.config.body.memory_wait).await {
+                    Ok(memory) => {
+                        request
+                            .extensions_mut()
+                            .insert(MessageMemory(Arc::new(Mutex::new(Some(memory)))));
+                    }
+                    Err(Refused::Busy | Refused::NeverFits { .. }) => {
+                        let service = Service { state };
+                        return Ok(service.status(ApiError::ServerBusy).into_http());
+                    }
+                }
+            }
+            inner.call(request).await
+        })
+    }
+}
