@@ -13,9 +13,10 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # COPY cannot copy an optional path, and vendor/ exists only when crates were vendored
 # (`cargo vendor`, as CI does for offline builds). So the whole context lands here and
 # /deps receives Cargo.toml, Cargo.lock, build.rs with proto/ (the gRPC code it generates)
-# and, when vendor/ exists, the crates plus a cargo config that points at them. The builder's `COPY --from=sources /deps/` is cached by
-# content: editing src/ does not invalidate the dependency build below.
-# The model files end up root-owned and world-readable (the service only reads them).
+# and, when vendor/ exists, the crates plus a cargo config that points at them. The builder's
+# `COPY --from=sources /deps/` is cached by content: editing src/ does not invalidate the
+# dependency build below.
+# weights/ goes to the builder too: the binary compiles the bundled model in.
 FROM ${RUST_IMAGE} AS sources
 WORKDIR /src
 COPY . .
@@ -57,6 +58,8 @@ RUN set -eu; \
     rm -rf src crates/*/src
 COPY src/ src/
 COPY crates/ crates/
+# The bundled model, compiled into the binary (include_bytes!).
+COPY --from=sources /weights/ weights/
 # COPY keeps the files' original mtimes, which can be older than the stub build: touch them
 # so cargo rebuilds these crates instead of reusing the stub's artifacts.
 RUN set -eu; \
@@ -71,13 +74,12 @@ RUN groupadd --gid 10001 fasternet \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin fasternet
 COPY --from=builder /build/target/release/fasternet-serve /usr/local/bin/fasternet-serve
-COPY --from=sources /weights/ /app/weights/
 WORKDIR /app
-# The bundled model (the default `./weights` relative to WORKDIR, spelled out). Threads are
-# deliberately not set: the server uses the CPUs the container may use, CPU quota included
-# (`docker run --cpus N`, a Kubernetes CPU limit); FASTERNET_THREADS overrides.
-ENV FASTERNET_WEIGHTS=/app/weights \
-    FASTERNET_HOST=0.0.0.0 \
+# The binary carries the bundled model; FASTERNET_WEIGHTS (a mounted file or directory)
+# serves another. Threads are deliberately not set: the server uses the CPUs the container may
+# use, CPU quota included (`docker run --cpus N`, a Kubernetes CPU limit); FASTERNET_THREADS
+# overrides.
+ENV FASTERNET_HOST=0.0.0.0 \
     FASTERNET_PORT=8080
 USER 10001:10001
 EXPOSE 8080

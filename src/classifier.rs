@@ -13,9 +13,6 @@ use crate::preprocess::{
     DecodeMode, ImageError, PreprocessConfig, Preprocessor, DEFAULT_MAX_PIXELS,
 };
 
-/// Where the bundled model lives, relative to the working directory.
-pub const BUNDLED_WEIGHTS: &str = "weights";
-
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Prediction {
     pub label: String,
@@ -49,8 +46,9 @@ pub type OutputTensors = (Option<Vec<f32>>, Option<Vec<f32>>);
 /// How to load a classifier.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// A `.safetensors`/`.pth` file or a hub-style directory.
-    pub weights: PathBuf,
+    /// A `.safetensors`/`.pth` file or a hub-style directory; `None`: the bundled model,
+    /// compiled into the binary.
+    pub weights: Option<PathBuf>,
     /// Must agree with the checkpoint's shapes when given.
     pub variant: Option<Variant>,
     /// Overrides config.json's crop_pct (or the ImageNet default of 0.9).
@@ -66,7 +64,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            weights: PathBuf::from(BUNDLED_WEIGHTS),
+            weights: None,
             variant: None,
             crop_pct: None,
             max_pixels: DEFAULT_MAX_PIXELS,
@@ -100,7 +98,10 @@ impl Classifier {
                 (model, hub, PathBuf::from("(random weights)"))
             }
             None => {
-                let checkpoint = Checkpoint::load(&options.weights)?;
+                let checkpoint = match &options.weights {
+                    Some(path) => Checkpoint::load(path)?,
+                    None => Checkpoint::bundled()?,
+                };
                 let source = checkpoint.path.clone();
                 let hub = checkpoint.hub_config.clone().unwrap_or_default();
                 let num_classes_hint =

@@ -212,3 +212,28 @@ fn engines_agree_and_random_init_serves_imagenet_labels() {
     // ImageNet names, not `class_N`.
     assert!(!best["label"].as_str().unwrap().starts_with("class_"), "{random}");
 }
+
+/// The bundled model is in the binary: classify works from a directory with no weights/ and
+/// answers exactly as the files in the checkout do.
+#[test]
+fn the_bundled_model_works_from_any_directory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let image = root.join("tests/fixtures/fashion_mnist_t10k_0.png");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let classify = |dir: &Path, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
+            .current_dir(dir)
+            .args(["classify", "--json", "--top-k", "10"])
+            .args(extra)
+            .arg(&image)
+            .env_remove("FASTERNET_WEIGHTS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let embedded = classify(elsewhere.path(), &[]);
+    let files = classify(root, &["--weights", root.join("weights").to_str().unwrap()]);
+    assert_eq!(embedded, files);
+    assert!(embedded.contains("Ankle boot"), "{embedded}");
+}

@@ -273,7 +273,7 @@ fn inputs_of_any_size_from_32_and_any_batch_work_smaller_ones_are_rejected() {
 fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let c = fasternet_serve::Classifier::load(&fasternet_serve::classifier::LoadOptions {
-        weights: dir,
+        weights: Some(dir),
         ..Default::default()
     })
     .unwrap();
@@ -282,6 +282,16 @@ fn the_bundled_model_is_a_ten_class_t0_with_its_labels() {
     assert_eq!(c.labels().get(9), "Ankle boot");
     assert_eq!(c.preprocessor().config.input_size, (64, 64));
     assert_eq!(c.preprocessor().config.crop_pct, 1.0);
+    // The copy built into the binary is the same model.
+    let bundled =
+        fasternet_serve::Classifier::load(&fasternet_serve::classifier::LoadOptions::default())
+            .unwrap();
+    assert_eq!(bundled.name(), c.name());
+    let x = candle_core::Tensor::randn(0f32, 1.0, (3, 64, 64), &candle_core::Device::Cpu).unwrap();
+    let logits = |c: &fasternet_serve::Classifier| {
+        c.forward(std::slice::from_ref(&x)).unwrap().logits.to_vec2::<f32>().unwrap()
+    };
+    assert_eq!(logits(&bundled), logits(&c));
 }
 
 /// The fast engine against the candle-ops reference for every preset, on random weights with

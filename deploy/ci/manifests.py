@@ -331,7 +331,7 @@ KSERVE_MODEL_DIR = "/mnt/models"         # where the storage initializer puts st
 # Facts about the server (docs/api.md): it speaks the Open Inference Protocol over REST and
 # gRPC, nothing older; these flags read FASTERNET_<NAME> when not given.
 SERVER_PROTOCOLS = {"v2", "grpc-v2"}
-IMAGE_ENV = {"FASTERNET_PORT": "8080", "FASTERNET_WEIGHTS": "/app/weights"}   # the Dockerfile's ENV
+IMAGE_ENV = {"FASTERNET_PORT": "8080"}   # the Dockerfile's ENV; no weights: the binary has the bundled model
 
 
 def flags(args):
@@ -524,7 +524,7 @@ def check_inference_service(isvc, runtimes, runtime_containers):
     c = merged_container(rt_c, model)
     env = {e["name"]: e for e in c.get("env", [])}
     fl = flags(c.get("args", [])[1:])
-    weights = setting(fl, env, "weights")
+    weights = setting(fl, env, "weights") or "(the bundled model)"
     uri = model.get("storageUri")
     if uri:
         if not uri.startswith(KSERVE_STORAGE_PREFIXES):

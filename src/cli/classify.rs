@@ -34,7 +34,7 @@ struct JsonLine<'a> {
 pub fn run(args: ClassifyArgs) -> anyhow::Result<i32> {
     init_threads(args.model.threads);
     let classifier = Classifier::load(&args.model.load_options())
-        .with_context(|| format!("cannot load model from {}", args.model.weights.display()))?;
+        .with_context(|| format!("cannot load model from {}", args.model.source()))?;
     anyhow::ensure!(args.top_k >= 1, "--top-k must be at least 1");
     let top_k = args.top_k.min(classifier.labels().len());
     let mut failed = 0;

@@ -36,7 +36,7 @@ struct Tally {
 pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
     init_threads(args.model.threads);
     let classifier = Classifier::load(&args.model.load_options())
-        .with_context(|| format!("cannot load model from {}", args.model.weights.display()))?;
+        .with_context(|| format!("cannot load model from {}", args.model.source()))?;
     let (folders, samples) = list_image_folder(&args.data)?;
     let num_classes = classifier.labels().len();
     if folders.len() > num_classes {

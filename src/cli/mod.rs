@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use fasternet_serve::classifier::{LoadOptions, BUNDLED_WEIGHTS};
+use fasternet_serve::classifier::LoadOptions;
 use fasternet_serve::model::{Engine, Variant};
 use fasternet_serve::preprocess::{DecodeMode, DEFAULT_MAX_PIXELS};
 
@@ -47,9 +47,9 @@ enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Checkpoint: a .safetensors or .pth file, or a hub-style directory
-    /// (model.safetensors + config.json). Defaults to the bundled model.
-    #[arg(long, env = "FASTERNET_WEIGHTS", default_value = BUNDLED_WEIGHTS)]
-    pub weights: PathBuf,
+    /// (model.safetensors + config.json). Default: the bundled model, built into the binary.
+    #[arg(long, env = "FASTERNET_WEIGHTS")]
+    pub weights: Option<PathBuf>,
     /// Variant (t0, t1, t2, s, m, l); inferred from the checkpoint when omitted.
     #[arg(long, env = "FASTERNET_VARIANT")]
     pub variant: Option<Variant>,
@@ -77,6 +77,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model to load, for error messages.
+    pub fn source(&self) -> String {
+        match &self.weights {
+            Some(path) => path.display().to_string(),
+            None => "the bundled model".into(),
+        }
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             weights: self.weights.clone(),

@@ -159,7 +159,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let classifier = Classifier::load(&args.model.load_options())
-        .with_context(|| format!("cannot load model from {}", args.model.weights.display()))?;
+        .with_context(|| format!("cannot load model from {}", args.model.source()))?;
     let classifier = match args.model_name {
         Some(name) => classifier.with_name(name),
         None => classifier,

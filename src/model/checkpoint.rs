@@ -28,7 +28,23 @@ pub struct Checkpoint {
     pub hub_config: Option<HubConfig>,
 }
 
+/// The bundled model (weights/ in the source tree), compiled into the binary so that it works
+/// from any directory.
+const BUNDLED_SAFETENSORS: &[u8] = include_bytes!("../../weights/model.safetensors");
+const BUNDLED_CONFIG: &str = include_str!("../../weights/config.json");
+/// What the bundled model's `path` says.
+pub const BUNDLED: &str = "(bundled: weights/model.safetensors)";
+
 impl Checkpoint {
+    /// The bundled Fashion-MNIST FasterNet-T0, from the binary.
+    pub fn bundled() -> Result<Self, ModelError> {
+        let path = Path::new(BUNDLED);
+        let hub = HubConfig::parse(BUNDLED_CONFIG, path)?;
+        let raw = candle_core::safetensors::load_buffer(BUNDLED_SAFETENSORS, &Device::Cpu)
+            .map_err(|e| ModelError::checkpoint(path, e))?;
+        Self::from_tensors(path.to_path_buf(), raw.into_iter().collect(), Some(hub))
+    }
+
     /// Loads a file or a hub-style directory.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let (weights, hub_config) = if path.is_dir() {
@@ -54,6 +70,14 @@ impl Checkpoint {
             return Err(ModelError::checkpoint(path, "no such file or directory"));
         };
         let raw = read_tensors(&weights)?;
+        Self::from_tensors(weights, raw, hub_config)
+    }
+
+    fn from_tensors(
+        weights: PathBuf,
+        raw: Vec<(String, Tensor)>,
+        hub_config: Option<HubConfig>,
+    ) -> Result<Self, ModelError> {
         let (naming, tensors) = to_timm_names(raw);
         let tensors = tensors
             .into_iter()

@@ -39,7 +39,12 @@ pub struct ModelArgs {
 impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::checkpoint(path, e))?;
-        serde_json::from_str(&text)
+        Self::parse(&text, path)
+    }
+
+    /// `path` names where the text came from, in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ModelError> {
+        serde_json::from_str(text)
             .map_err(|e| ModelError::checkpoint(path, format!("invalid config.json: {e}")))
     }
 }

@@ -1,6 +1,9 @@
 //! Dynamic batching: a bounded queue of images feeding one inference worker on its own OS
-//! thread. The worker takes up to `max_batch_size` images, waiting at most `max_batch_delay`
-//! after the first, runs one forward pass and answers every image through its oneshot channel.
+//! thread. The worker takes up to `max_batch_size` images, runs one forward pass and answers
+//! every image through its oneshot channel. It waits for more images (at most
+//! `max_batch_delay` after the first) only while some are on their way: admitted, with queue
+//! slots reserved, and still being decoded. A lone request is computed at once; under load
+//! batches fill as before, and also while a forward pass runs.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,10 +72,36 @@ pub struct Batcher {
     capacity: usize,
     /// Images sent and not yet started (queued, or in the batch being formed).
     waiting: Arc<AtomicUsize>,
+    /// Images with a reserved slot that have not been sent yet (being prepared).
+    incoming: Arc<AtomicUsize>,
 }
 
-/// Slots reserved in the queue for one request's images.
-pub type QueueSlots<'a> = mpsc::PermitIterator<'a, Job>;
+/// Slots reserved in the queue for one request's images; the ones not used are given back
+/// when it is dropped.
+pub struct QueueSlots<'a> {
+    permits: mpsc::PermitIterator<'a, Job>,
+    waiting: &'a AtomicUsize,
+    incoming: &'a AtomicUsize,
+    left: usize,
+}
+
+impl QueueSlots<'_> {
+    /// Queues one image in one of the slots.
+    pub fn send(&mut self, job: Job) {
+        let permit = self.permits.next().expect("one slot per image was reserved");
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        permit.send(job);
+        // After the send: a worker that sees nothing incoming finds the image queued.
+        self.left -= 1;
+        self.incoming.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for QueueSlots<'_> {
+    fn drop(&mut self) {
+        self.incoming.fetch_sub(self.left, Ordering::SeqCst);
+    }
+}
 
 impl Batcher {
     /// Starts the worker thread (warm the model up first: [`warm_up`]).
@@ -83,26 +112,24 @@ impl Batcher {
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let waiting = Arc::new(AtomicUsize::new(0));
-        let worker_waiting = waiting.clone();
+        let incoming = Arc::new(AtomicUsize::new(0));
+        let (worker_waiting, worker_incoming) = (waiting.clone(), incoming.clone());
         let worker = std::thread::Builder::new().name("inference".into()).spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
                 .expect("a current-thread runtime always builds");
-            runtime.block_on(run_worker(rx, backend, config, metrics, worker_waiting));
+            let queue = Queue { rx, waiting: worker_waiting, incoming: worker_incoming };
+            runtime.block_on(run_worker(queue, backend, config, metrics));
         })?;
-        Ok((Self { tx, capacity: config.queue_capacity, waiting }, worker))
+        Ok((Self { tx, capacity: config.queue_capacity, waiting, incoming }, worker))
     }
 
     /// Reserves `n` queue slots at once or none: a full queue rejects before any decoding.
     pub fn try_reserve(&self, n: usize) -> Option<QueueSlots<'_>> {
-        self.tx.try_reserve_many(n).ok()
-    }
-
-    /// Queues one image in a reserved slot.
-    pub fn send(&self, permit: mpsc::Permit<'_, Job>, job: Job) {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        permit.send(job);
+        let permits = self.tx.try_reserve_many(n).ok()?;
+        self.incoming.fetch_add(n, Ordering::SeqCst);
+        Some(QueueSlots { permits, waiting: &self.waiting, incoming: &self.incoming, left: n })
     }
 
     pub fn capacity(&self) -> usize {
@@ -148,19 +175,32 @@ pub fn warm_up(backend: &dyn Backend, max_batch_size: usize) -> Result<(), Strin
     Ok(())
 }
 
+/// The worker's end of the queue, and the counts it shares with the senders.
+struct Queue {
+    rx: mpsc::Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    incoming: Arc<AtomicUsize>,
+}
+
 async fn run_worker(
-    mut rx: mpsc::Receiver<Job>,
+    mut queue: Queue,
     backend: Arc<dyn Backend>,
     config: BatchConfig,
     metrics: Arc<Metrics>,
-    waiting: Arc<AtomicUsize>,
 ) {
+    let Queue { rx, waiting, incoming } = &mut queue;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_batch_delay;
-        // timeout_at polls the channel before looking at the clock, so with a zero delay
-        // this still takes whatever is already queued.
         while batch.len() < config.max_batch_size {
+            if let Ok(job) = rx.try_recv() {
+                batch.push(job);
+                continue;
+            }
+            // Nothing queued: wait only for images already on their way.
+            if incoming.load(Ordering::SeqCst) == 0 {
+                break;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(job)) => batch.push(job),
                 Ok(None) | Err(_) => break,
@@ -283,23 +323,19 @@ mod tests {
     }
 
     fn submit(b: &Batcher, values: &[f32]) -> Vec<oneshot::Receiver<Result<Answer, String>>> {
-        let reservation = b.try_reserve(values.len()).expect("room in the queue");
+        let mut slots = b.try_reserve(values.len()).expect("room in the queue");
         values
             .iter()
-            .zip(reservation)
-            .map(|(&v, permit)| {
+            .map(|&v| {
                 let (tx, rx) = oneshot::channel();
                 let memory = Reservation::default();
-                b.send(
-                    permit,
-                    Job {
-                        image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(),
-                        task: task_for(v),
-                        memory,
-                        enqueued: Instant::now(),
-                        reply: tx,
-                    },
-                );
+                slots.send(Job {
+                    image: Tensor::new(&[[[v]]], &Device::Cpu).unwrap(),
+                    task: task_for(v),
+                    memory,
+                    enqueued: Instant::now(),
+                    reply: tx,
+                });
                 rx
             })
             .collect()
@@ -317,6 +353,38 @@ mod tests {
         // 10 images with a maximum of 4: three forward passes (4 + 4 + 2).
         assert_eq!(metrics.batch_size.get_sample_count(), 3);
         assert_eq!(metrics.batch_size.get_sample_sum(), 10.0);
+        drop(b);
+        worker.join().unwrap();
+    }
+
+    /// With nothing else on its way an image is computed at once, however long the batch
+    /// delay; an image whose slot is reserved and that is still being prepared is waited for.
+    #[tokio::test]
+    async fn the_worker_waits_only_for_images_on_their_way() {
+        let (b, worker, metrics) = start(8, 3_000);
+        let started = Instant::now();
+        let lone = submit(&b, &[1.0]).remove(0);
+        lone.await.unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_millis(1_500), "a lone image waited");
+        assert_eq!(metrics.batch_size.get_sample_count(), 1);
+
+        let mut slots = b.try_reserve(2).expect("room in the queue");
+        let job = |v: f32| {
+            let (reply, rx) = oneshot::channel();
+            let image = Tensor::new(&[[[v]]], &Device::Cpu).unwrap();
+            let memory = Reservation::default();
+            (Job { image, task: task_for(v), memory, enqueued: Instant::now(), reply }, rx)
+        };
+        let (first, first_rx) = job(2.0);
+        slots.send(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (second, second_rx) = job(3.0);
+        slots.send(second);
+        drop(slots);
+        first_rx.await.unwrap().unwrap();
+        second_rx.await.unwrap().unwrap();
+        assert_eq!(metrics.batch_size.get_sample_count(), 2, "one batch for the two");
+        assert_eq!(metrics.batch_size.get_sample_sum(), 3.0);
         drop(b);
         worker.join().unwrap();
     }

@@ -79,7 +79,7 @@ where
         let (mut read, extra) = read(deadline).await?;
         let task = read.task;
         // Reserve queue slots for every image before decoding any: a full queue rejects fast.
-        let reservation = state
+        let mut slots = state
             .batcher
             .try_reserve(read.items.len())
             .ok_or(ApiError::QueueFull { capacity: state.batcher.capacity() })?;
@@ -108,8 +108,8 @@ where
             receivers.push(rx);
             answers_memory.push(answer_memory);
         }
-        for (job, permit) in jobs.into_iter().zip(reservation) {
-            state.batcher.send(permit, job);
+        for job in jobs {
+            slots.send(job);
         }
         let (mut outcomes, mut queue, mut inference) =
             (Vec::with_capacity(receivers.len()), Duration::ZERO, Duration::ZERO);

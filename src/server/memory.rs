@@ -4,7 +4,8 @@
 //! ```text
 //! budget = baseline     the process after loading and warming the model at --max-batch-size
 //!                       (weights, engine buffers, runtime), measured before the port is bound
-//!        + connections  --max-connections x CONNECTION_BYTES (hyper's buffers, the task)
+//!        + connections  --max-connections x CONNECTION_BYTES (hyper's buffers, the task),
+//!                       twice with gRPC on (its connections are capped apart)
 //!        + headers      HTTP worker threads x HEADER_READ_BYTES (image headers are read there)
 //!        + slack        allocator caches and fragmentation, 1/16 of the budget
 //!        + requests     the pool below: every allocation that grows with a request

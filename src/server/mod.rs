@@ -159,7 +159,10 @@ impl MemoryPlan {
         baseline: u64,
     ) -> Result<Self, String> {
         let budget = config.memory_budget;
-        let connections = config.connections.max_connections as u64 * CONNECTION_BYTES;
+        // gRPC has a cap of its own; an h2 connection holds about what an HTTP/1 one does (its
+        // flow-control window of 64 KiB unread, header and write buffers).
+        let listeners = 1 + config.grpc_addr.is_some() as u64;
+        let connections = listeners * config.connections.max_connections as u64 * CONNECTION_BYTES;
         let headers = config.http_threads as u64 * HEADER_READ_BYTES;
         let slack = budget / 16;
         let fixed = baseline + connections + headers + slack;

@@ -1,7 +1,8 @@
 //! The v2 protocol over gRPC (`inference.GRPCInferenceService`, generated from
 //! proto/grpc_predict_v2.proto) on its own port, `--grpc-port`. Requests take the same path
 //! as REST ones; outputs always come back as `raw_output_contents`. The largest message is
-//! the body limit, and its memory is reserved before it is read (see `ReserveMessage`).
+//! the body limit, and its memory is reserved before it is read (see `ReserveMessage`); open
+//! connections are capped at `--max-connections`, like HTTP's (see `capped`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::net::TcpListener;
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Code, Request, Response, Status};
 
 use super::{
@@ -51,16 +56,88 @@ pub async fn serve(
     let service = GrpcInferenceServiceServer::new(Service { state: state.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
+    let incoming = capped(listener, state.config.connections.max_connections);
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .tcp_nodelay(true)
         .layer(tower::layer::layer_fn(move |inner| ReserveMessage { inner, state: state.clone() }))
-        .serve_with_incoming_shutdown(
-            service,
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(service, incoming, shutdown)
         .await
+}
+
+/// Accepted connections, at most `max` open at once (beyond it new ones wait in the kernel's
+/// accept queue), with Nagle's algorithm off: tonic sets neither on connections it is given.
+/// Accept errors (out of file descriptors, say) are logged and paused on.
+fn capped(listener: TcpListener, max: usize) -> impl Stream<Item = std::io::Result<Capped>> {
+    let slots = Arc::new(Semaphore::new(max.max(1)));
+    futures_util::stream::unfold((listener, slots), |(listener, slots)| async move {
+        loop {
+            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(Capped { stream, _slot: slot }), (listener, slots)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// A connection holding one of the open-connection slots until it closes.
+struct Capped {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Capped {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Capped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Capped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 struct Service {
