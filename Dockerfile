@@ -69,6 +69,12 @@ RUN set -eu; \
 
 # ---- runtime -----------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
+# The release the image holds; deploy/ci/docker.sh passes Cargo.toml's version.
+ARG VERSION=unknown
+LABEL org.opencontainers.image.title="fasternet-serve" \
+      org.opencontainers.image.description="FasterNet image classification: JSON, Open Inference Protocol (REST and gRPC), Prometheus metrics" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
 # A numeric, non-root UID/GID, so that Kubernetes' runAsNonRoot can verify the USER.
 RUN groupadd --gid 10001 fasternet \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \

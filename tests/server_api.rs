@@ -49,6 +49,19 @@ async fn every_input_form_gives_the_same_answers_in_request_order() {
     for h in ["x-queue-time", "x-inference-time", "x-preprocess-time", "x-total-time"] {
         raw.headers()[h].to_str().unwrap().parse::<f64>().unwrap();
     }
+    // The same timings as W3C Server-Timing metrics, in the same order, each `name;dur=ms`.
+    let server_timing = raw.headers()["server-timing"].to_str().unwrap();
+    let metrics: Vec<(&str, f64)> = server_timing
+        .split(", ")
+        .map(|m| {
+            let (name, dur) = m.split_once(";dur=").expect("name;dur=ms");
+            (name, dur.parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = metrics.iter().map(|m| m.0).collect();
+    assert_eq!(names, ["preprocess", "queue", "inference", "total"], "{server_timing}");
+    let total = raw.headers()["x-total-time"].to_str().unwrap().parse::<f64>().unwrap();
+    assert_eq!(metrics[3].1, total);
     let raw = json(raw).await;
     assert_eq!(raw["model"], "fasternet_t0.fashion_mnist");
     let single = &raw["results"][0];

@@ -198,7 +198,8 @@ fi
 log "vendor/: $(find vendor -mindepth 1 -maxdepth 1 -type d | wc -l) crates, $(du -sh vendor | cut -f1)"
 
 step "docker build --network=none"
-BUILD_ARGS=(--network=none --pull=false --build-arg "RUST_IMAGE=$RUST_BASE" --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" -t "$IMAGE" -f Dockerfile .)
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+BUILD_ARGS=(--network=none --pull=false --build-arg "RUST_IMAGE=$RUST_BASE" --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" --build-arg "VERSION=$VERSION" -t "$IMAGE" -f Dockerfile .)
 if [ "$BUILDKIT" = 1 ]; then BUILD_ARGS=(--progress=plain "${BUILD_ARGS[@]}"); fi
 log "DOCKER_BUILDKIT=$BUILDKIT docker build ${BUILD_ARGS[*]}"
 # The full log goes to $D/build.log; the console gets it without cargo's per-crate lines.
@@ -213,11 +214,18 @@ log "$IMAGE: $(( $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
 # ---- 4. checks ---------------------------------------------------------------------------
 step "image metadata"
 "$DOCKER" image inspect -f '{{json .Config}}' "$IMAGE" > "$D/config.json"
-python3 - "$D/config.json" "$UID_EXPECTED" <<'PY' || die "image metadata"
+python3 - "$D/config.json" "$UID_EXPECTED" "$VERSION" <<'PY' || die "image metadata"
 import json, sys
 c = json.load(open(sys.argv[1]))
-want_uid = sys.argv[2]
+want_uid, want_version = sys.argv[2:4]
 problems = []
+labels = c.get("Labels") or {}
+want_labels = {"org.opencontainers.image.title": "fasternet-serve",
+               "org.opencontainers.image.version": want_version,
+               "org.opencontainers.image.licenses": "MIT"}
+for key, value in want_labels.items():
+    if labels.get(key) != value:
+        problems.append(f"label {key} is {labels.get(key)!r}, expected {value!r}")
 user = c.get("User") or ""
 uid = user.split(":")[0]
 if not uid.isdigit() or uid == "0":
@@ -244,6 +252,7 @@ if "FASTERNET_THREADS" in env:
     problems.append("FASTERNET_THREADS is baked into the image")
 print(f"User={user} ExposedPorts={ports} StopSignal={stop} Entrypoint={ep} Cmd={c.get('Cmd')} WorkingDir={wd}")
 print(f"Healthcheck={hc}")
+print(f"Labels={labels}")
 for p in problems:
     print("PROBLEM:", p)
 sys.exit(1 if problems else 0)

@@ -2,12 +2,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -192,20 +192,31 @@ async fn infer(
     Ok(inferred)
 }
 
+/// The timings in milliseconds, twice: `x-*-time` headers, and `Server-Timing` (W3C), which
+/// browsers' developer tools and many proxies show.
 pub(super) fn with_timings(
     mut response: Response,
     inferred: &Inferred,
     started: Instant,
 ) -> Response {
-    let ms = |d: Duration| {
-        HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3))
-            .expect("a number is a valid header value")
-    };
+    let timings = [
+        ("preprocess", inferred.preprocess),
+        ("queue", inferred.queue),
+        ("inference", inferred.inference),
+        ("total", started.elapsed()),
+    ]
+    .map(|(name, d)| (name, format!("{:.3}", d.as_secs_f64() * 1e3)));
+    let value = |text: String| HeaderValue::from_str(&text).expect("a valid header value");
     let h = response.headers_mut();
-    h.insert("x-queue-time", ms(inferred.queue));
-    h.insert("x-inference-time", ms(inferred.inference));
-    h.insert("x-preprocess-time", ms(inferred.preprocess));
-    h.insert("x-total-time", ms(started.elapsed()));
+    for (name, ms) in &timings {
+        h.insert(
+            HeaderName::try_from(format!("x-{name}-time")).expect("a valid name"),
+            value(ms.clone()),
+        );
+    }
+    let server_timing =
+        timings.iter().map(|(name, ms)| format!("{name};dur={ms}")).collect::<Vec<_>>();
+    h.insert("server-timing", value(server_timing.join(", ")));
     response
 }
 
