@@ -85,6 +85,8 @@ def probabilities_match_classify(probabilities, image, what):
 
 
 checks = 0
+# Each protocol's answer for IMAGES, all outputs: the oracle for later checks.
+PROBABILITIES = {}
 
 
 def check(name):
@@ -122,6 +124,7 @@ def triton(client, module, protocol):
 
     result = client.infer(MODEL, [images])
     probabilities = result.as_numpy("probabilities")
+    PROBABILITIES[protocol] = probabilities
     assert probabilities.shape == (len(IMAGES), 10) and result.as_numpy("features").shape == (len(IMAGES), 1280)
     for i, image in enumerate(IMAGES):
         probabilities_match_classify(probabilities[i], image, f"{protocol} all outputs, image {i}")
@@ -144,6 +147,28 @@ def triton(client, module, protocol):
         else:
             raise AssertionError("an error was expected")
     check(f"tritonclient {protocol}: unknown model and output are errors with the protocol's codes")
+
+
+def grpc_typed_contents(probabilities):
+    """gRPC with typed `contents` instead of `raw_input_contents` (tritonclient always sends
+    raw), through the stub tritonclient ships; answers must equal the raw path's."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as rpc
+
+    stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(GRPC))
+    def infer(tensor):
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+        request.outputs.add(name="probabilities")
+        response = stub.ModelInfer(request)
+        assert [o.name for o in response.outputs] == ["probabilities"], response.outputs
+        return np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(-1, 10)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=list(PIXELS.shape))
+    tensor.contents.fp32_contents.extend(PIXELS.ravel().tolist())
+    np.testing.assert_allclose(infer(tensor)[0], probabilities[2], rtol=0, atol=TOLERANCE)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[len(IMAGES)])
+    tensor.contents.bytes_contents.extend(IMAGES)
+    np.testing.assert_allclose(infer(tensor), probabilities, rtol=0, atol=TOLERANCE)
+    check("grpc: typed FP32 and BYTES contents equal the raw path")
 
 
 def triton_http_json():
@@ -193,6 +218,7 @@ else:
 
     triton(httpclient.InferenceServerClient(HTTP), httpclient, "http")
     triton(grpcclient.InferenceServerClient(GRPC), grpcclient, "grpc")
+    grpc_typed_contents(PROBABILITIES["grpc"])
     triton_http_json()
     subprocess.run([sys.executable, __file__, *sys.argv[1:4], "kserve"], check=True)
     print(f"all {checks + 1} checks passed")

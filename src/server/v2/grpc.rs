@@ -40,9 +40,10 @@ use proto::*;
 
 /// The method path the images counter and the request metrics name.
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
-/// Most bytes one ModelInfer message holds per byte on the wire: tonic's buffer and the
-/// decoded message (its `bytes` fields are slices of the buffer; FP32 contents are not).
-const MESSAGE_COPIES: u64 = 2;
+/// Most bytes one ModelInfer message holds per byte on the wire: tonic's buffer, the decoded
+/// message (its `bytes` fields are slices of the buffer; typed FP32 contents are not) and the
+/// FP32 values split into per-image buffers.
+const MESSAGE_COPIES: u64 = 3;
 /// Streams one connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
@@ -199,16 +200,19 @@ impl Service {
                 let (requested, task) = plan_outputs(state, Some(requested.collect()))?;
                 let mut raw = request.raw_input_contents.into_iter();
                 let (h, w) = state.classifier.preprocessor().config.input_size;
-                let inputs = request
-                    .inputs
+                let mut inputs = request.inputs;
+                let contents: Vec<_> =
+                    inputs.iter_mut().map(|i| i.contents.take().unwrap_or_default()).collect();
+                let inputs = inputs
                     .iter()
-                    .map(|input| {
-                        let contents = input.contents.clone().unwrap_or_default();
+                    .zip(contents)
+                    .map(|(input, contents)| {
                         let data = match raw.next() {
                             Some(raw) => Data::Raw(raw),
                             None if input.datatype == "BYTES" => {
                                 Data::Bytes(contents.bytes_contents)
                             }
+                            // Per-image buffers, which become the tensors.
                             None => Data::Fp32(
                                 contents
                                     .fp32_contents
