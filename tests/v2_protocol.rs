@@ -283,4 +283,25 @@ async fn real_clients_agree_with_classify() {
         let line = format!("fasternet_images_processed_total{{route=\"{route}\"}}");
         assert!(metrics.contains(&line), "no {line} in /metrics");
     }
+
+    // A gRPC client that keeps its connection open does not hold the drain: SIGTERM, and the
+    // server exits 0 well within its 30 s grace period.
+    let hold = "import sys, time, tritonclient.grpc as g\n\
+                c = g.InferenceServerClient(sys.argv[1])\n\
+                assert c.is_server_ready()\n\
+                print('connected', flush=True)\n\
+                time.sleep(60)\n";
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", hold, &grpc])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = holder.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    std::process::Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
+    let status = s.wait_for_exit(std::time::Duration::from_secs(10)).await;
+    let _ = holder.kill();
+    assert!(status.success(), "the drain with an idle gRPC connection ended in {status}");
 }
