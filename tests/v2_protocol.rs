@@ -303,5 +303,6 @@ async fn real_clients_agree_with_classify() {
     std::process::Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
     let status = s.wait_for_exit(std::time::Duration::from_secs(10)).await;
     let _ = holder.kill();
+    let _ = holder.wait();
     assert!(status.success(), "the drain with an idle gRPC connection ended in {status}");
 }

@@ -2,8 +2,8 @@
 //! thread. The worker takes up to `max_batch_size` images, runs one forward pass and answers
 //! every image through its oneshot channel. It waits for more images (at most
 //! `max_batch_delay` after the first) only while some are on their way: admitted, with queue
-//! slots reserved, and still being decoded. A lone request is computed at once; under load
-//! batches fill as before, and also while a forward pass runs.
+//! slots reserved, and still being decoded. A lone request is computed at once; under load the
+//! queue fills batches, also while a forward pass runs.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
