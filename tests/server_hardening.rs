@@ -134,17 +134,8 @@ fn read_response(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open_connections() {
-    let s = Server::start(&[
-        "--max-batch-delay-ms",
-        "1500",
-        "--max-batch-size",
-        "64",
-        "--shutdown-grace-seconds",
-        "20",
-        "--header-read-timeout-ms",
-        "15000",
-    ])
-    .await;
+    let s = Server::start(&["--shutdown-grace-seconds", "20", "--header-read-timeout-ms", "15000"])
+        .await;
     let target = addr(&s);
     let mut half = TcpStream::connect(&target).unwrap();
     half.write_all(b"POST /classify HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -152,21 +143,20 @@ async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open
     idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
-    // A request the worker holds for 1.5 s, hoping for company.
-    let in_flight = tokio::spawn({
-        let url = s.url("/classify");
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .body(small_png(4))
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        }
-    });
+    // A request in progress when the signal comes: its body arrives in two halves, the second
+    // after the signal. The body's memory is reserved once the handler has the request.
+    let body = small_png(4);
+    let mut slow = TcpStream::connect(&target).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body[..body.len() / 2]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.metric("fasternet_queue_depth").await < 1.0 {
-        assert!(Instant::now() < deadline, "the request never reached the queue");
+    while s.metric("fasternet_memory_reserved_bytes").await == 0.0 {
+        assert!(Instant::now() < deadline, "the request never reached its handler");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let signalled = Instant::now();
@@ -189,10 +179,15 @@ async fn shutdown_answers_accepted_requests_and_is_not_held_by_idle_or_half_open
     assert!(reply.0.to_ascii_lowercase().contains("connection: close"), "{}", reply.0);
     assert!(reply.0.contains("shutting_down"), "{}", reply.0);
     assert!(reply.1, "the connection stayed open");
-    assert_eq!(
-        in_flight.await.unwrap().unwrap(),
-        200,
-        "a request accepted before the signal is answered"
+    let answer = tokio::task::spawn_blocking(move || {
+        slow.write_all(&body[body.len() / 2..]).unwrap();
+        read_response(&mut slow)
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a request accepted before the signal is answered: {answer}"
     );
     let exit = s.wait_for_exit(Duration::from_secs(20)).await;
     assert_eq!(exit.code(), Some(0));
