@@ -1,26 +1,41 @@
-"""CPU throughput benchmark of FasterNet: candle (Rust) vs PyTorch eager vs ONNX Runtime.
+"""CPU throughput benchmark of FasterNet: candle (Rust) vs PyTorch eager vs ONNX Runtime vs OpenVINO.
 
 Usage (from the repository root):
 
     .venv/bin/python tools/bench.py [--variants t0,t1,t2] [--size 224] [--batch 1,8,32]
         [--threads 2] [--rounds 3] [--seconds 5] [--engines candle,pytorch,onnxruntime]
         [--channels-last] [--binary target/release/fasternet-serve]
-        [--rust-engine-flag NAME] [--markdown]
+        [--rust-engine-flag NAME] [--ratio-against ENGINES] [--markdown]
+        [--json FILE.json] [--plot FILE.png]
+    .venv/bin/python tools/bench.py --plot-from FILE.json [--plot FILE.png] [--ratio-against ENGINES] [--markdown]
 
 Engines: `candle` (the Rust binary's `bench` subcommand; `candle:NAME` passes `--engine NAME`,
 as does `--rust-engine-flag NAME` for a plain `candle`), `pytorch` (timm, fp32 NCHW, eval,
-inference_mode), `pytorch-cl` (same, channels_last; added by `--channels-last`) and
-`onnxruntime` (the timm model exported to ONNX opset 17, cached under .data/bench/).
-All models have random weights: only speed is measured.
+inference_mode), `pytorch-cl` (same, channels_last; added by `--channels-last`),
+`onnxruntime` (the timm model exported to ONNX opset 17, cached under .data/bench/), and
+`openvino` / `openvino-bf16` (the same ONNX file on OpenVINO's CPU plugin, reshaped to each
+batch size statically, with the LATENCY performance hint, one stream, `--threads` inference
+threads and INFERENCE_PRECISION_HINT pinned to f32 or bf16; `openvino-bf16` is skipped on CPUs
+whose OPTIMIZATION_CAPABILITIES lack BF16). All models have random weights: only speed is
+measured. tools/ov_profile.py prints OpenVINO's per-layer profile of one variant and batch.
 
 This machine's speed drifts (up to 2x over minutes), so the engines are interleaved: every round
 measures each engine once (A B C A B C ...), each in its own subprocess so thread pools do not
-interfere, and the table reports the median over rounds with the min-max spread. Ratios are
-medians divided by the PyTorch / ONNX Runtime medians for the same variant and batch size.
+interfere, and the table reports the median over rounds with the min-max spread. The ratio
+columns are medians divided by the median of one reference engine for the same variant and
+batch size: by default one column for each of pytorch, onnxruntime, openvino and openvino-bf16
+that is in the run (so `vs openvino` is fp32 against OpenVINO fp32, `vs openvino-bf16` a bf16
+engine against OpenVINO bf16); `--ratio-against LIST` picks the columns (any engine names).
+
+`--json FILE` saves the raw per-round results and the machine description; `--plot FILE.png`
+draws a grouped bar chart (images/s by batch size and engine, one panel per variant, min-max
+error bars; needs matplotlib); `--plot-from FILE.json` prints the table and, with `--plot`,
+redraws the chart from a saved run without measuring.
 
 Internal: `bench.py --worker ENGINE --variants t0 --size 224 --batch 1,8 --threads 2 --seconds 5`
 measures one engine in-process and prints one JSON line {"batch": images_per_second, ...};
-`--worker export` writes the cached ONNX file(s).
+`--worker export` writes the cached ONNX file(s); `--worker openvino-caps` prints OpenVINO's
+version and the CPU plugin's OPTIMIZATION_CAPABILITIES as one JSON line.
 """
 import argparse
 import importlib.metadata
@@ -36,6 +51,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = os.path.join(ROOT, ".data", "bench")
 # Output contract of `fasternet-serve bench`, e.g. "t0 224x224 batch 8: 201.3 img/s (39.7 ms/batch)".
 CANDLE_LINE = re.compile(r"^(\w+) (\d+)x(\d+) batch (\d+): ([0-9.]+) img/s")
+# Engines that run the cached ONNX export, OpenVINO's with their inference precision, and the
+# engines that get a ratio column by default (when they are in the run), in column order.
+ONNX_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
+REFERENCE_ENGINES = ("pytorch", "onnxruntime", "openvino", "openvino-bf16")
 
 
 def onnx_path(variant, size):
@@ -50,6 +70,32 @@ def ort_session_options(threads):
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return so
+
+
+def ov_compiled_model(core, variant, size, batch, threads, precision, profiling=False):
+    """The cached ONNX export compiled by OpenVINO's CPU plugin for one static batch size: LATENCY
+    performance hint, one stream, `threads` inference threads, inference precision pinned to
+    `precision` ("f32" or "bf16"; the plugin would otherwise pick bf16 by itself on CPUs with
+    AMX), per-node profiling when `profiling`. Raises if the plugin did not take the precision."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+    want = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
+    model = core.read_model(onnx_path(variant, size))
+    model.reshape({0: [batch, 3, size, size]})
+    config = {hints.performance_mode: hints.PerformanceMode.LATENCY, props.streams.num: 1,
+              props.inference_num_threads: threads, hints.inference_precision: want}
+    if profiling:
+        config[props.enable_profiling] = True
+    compiled = core.compile_model(model, "CPU", config)
+    got = compiled.get_property(hints.inference_precision)
+    if got != want:
+        raise RuntimeError(f"OpenVINO compiled {variant} with inference precision {got}, not {want}")
+    return compiled
+
+
+def ov_bf16_supported(core):
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def worker_env(threads):
@@ -107,6 +153,11 @@ def run_worker(a):
         for v in a.variants:
             export_onnx(v, a.size)
         return
+    if a.worker == "openvino-caps":
+        import openvino as ov
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        print(json.dumps({"version": ov.get_version(), "capabilities": list(caps)}), flush=True)
+        return
     if a.worker in ("pytorch", "pytorch-cl"):
         import torch
         torch.set_num_threads(a.threads)
@@ -132,6 +183,22 @@ def run_worker(a):
             feed = {"input": np.random.default_rng(0).standard_normal(
                 (b, 3, a.size, a.size), dtype=np.float32)}
             return lambda: sess.run(None, feed)
+    elif a.worker in OPENVINO_PRECISION:
+        import numpy as np
+        import openvino as ov
+        core = ov.Core()
+        precision = OPENVINO_PRECISION[a.worker]
+        if precision == "bf16" and not ov_bf16_supported(core):
+            sys.exit("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES: "
+                     + ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")) + ")")
+
+        def make_step(b):
+            # Compiled per batch size (static shapes), outside the timed loop; the input tensor
+            # is set once, as ONNX Runtime reads the same numpy buffer on every call.
+            request = ov_compiled_model(core, variant, a.size, b, a.threads, precision).create_infer_request()
+            request.set_input_tensor(ov.Tensor(np.random.default_rng(0).standard_normal(
+                (b, 3, a.size, a.size), dtype=np.float32)))
+            return request.infer
     else:
         sys.exit(f"unknown worker engine {a.worker!r}")
     print(json.dumps({b: time_loop(make_step(b), b, a.seconds) for b in batches}), flush=True)
@@ -175,49 +242,132 @@ def cpu_busy(interval=1.0):
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def machine_line(a):
-    cpu = "unknown CPU"
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-
-    def ver(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "n/a"
-    return (f"Machine: {cpu}, {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
-            f"{a.threads} threads; fp32, {a.size}x{a.size}; median (min-max) of {a.rounds} rounds x "
-            f"{a.seconds:g} s; torch {ver('torch')}, onnxruntime {ver('onnxruntime')}, timm {ver('timm')}.")
+        return "unknown CPU"
 
 
-def report(results, engines, a):
+def package_version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "n/a"
+
+
+def machine(a, engines):
+    """The run's setting: the table's last line and the chart's title; saved by --json."""
+    versions = {pkg: package_version(pkg) for pkg in ("torch", "onnxruntime", "timm")}
+    if any(e in OPENVINO_PRECISION for e in engines):
+        versions["openvino"] = package_version("openvino")
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)), "threads": a.threads, "size": a.size,
+            "rounds": a.rounds, "seconds": a.seconds, "versions": versions,
+            "bf16": any("bf16" in e for e in engines + [a.rust_engine_flag or ""]),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "command": " ".join(["tools/bench.py"] + sys.argv[1:])}
+
+
+def machine_line(m):
+    precision = "fp32 (bf16 where named)" if m.get("bf16") else "fp32"
+    versions = ", ".join(f"{pkg} {v}" for pkg, v in m["versions"].items())
+    return (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable); "
+            f"{m['threads']} threads; {precision}, {m['size']}x{m['size']}; median (min-max) of "
+            f"{m['rounds']} rounds x {m['seconds']:g} s; {versions}.")
+
+
+def ratio_bases(engines, requested):
+    """The engines that get a `vs ENGINE` column: `--ratio-against`, else every reference engine
+    in the run (pytorch, onnxruntime, openvino, openvino-bf16, in that order)."""
+    return requested if requested is not None else [e for e in REFERENCE_ENGINES if e in engines]
+
+
+def report(results, engines, variants, batches, bases, meta, markdown):
     """results[(engine, variant, batch)] = [img/s per round]."""
-    header = ["variant", "batch", "engine", "img/s", "min-max", "vs pytorch", "vs onnxruntime"]
+    header = ["variant", "batch", "engine", "img/s", "min-max"] + [f"vs {base}" for base in bases]
     rows = []
-    for v in a.variants:
-        for b in a.batch:
+    for v in variants:
+        for b in batches:
             med = {e: statistics.median(results[e, v, b]) for e in engines if results.get((e, v, b))}
-
-            def ratio(base):
-                return (lambda e: f"{med[e] / med[base]:.2f}x") if base in med else (lambda e: "-")
             for e in engines:
                 if e in med:
                     r = results[e, v, b]
-                    rows.append([v, str(b), e, f"{med[e]:.1f}", f"{min(r):.1f}-{max(r):.1f}",
-                                 ratio("pytorch")(e), ratio("onnxruntime")(e)])
-    if a.markdown:
+                    rows.append([v, str(b), e, f"{med[e]:.1f}", f"{min(r):.1f}-{max(r):.1f}"] +
+                                [f"{med[e] / med[base]:.2f}x" if base in med else "-" for base in bases])
+    if markdown:
         print("| " + " | ".join(header) + " |")
-        print("|" + "|".join(["---"] * 3 + ["---:"] * 4) + "|")
+        print("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
         for r in rows:
             print("| " + " | ".join(r) + " |")
-        print("\n" + machine_line(a))
+        print("\n" + machine_line(meta))
     else:
         w = [max(len(x) for x in col) for col in zip(header, *rows)]
         for r in [header] + rows:
             print("  ".join(x.ljust(n) if i < 3 else x.rjust(n) for i, (x, n) in enumerate(zip(r, w))))
+
+
+def save_json(path, results, engines, variants, batches, meta):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = {"kind": "bench", "meta": meta, "engines": engines, "variants": variants, "batch": batches,
+            "results": [{"engine": e, "variant": v, "batch": b, "images_per_s": xs}
+                        for (e, v, b), xs in results.items()]}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    print(f"results saved to {path}", file=sys.stderr)
+
+
+def load_json(path):
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("kind") != "bench":
+        sys.exit(f"{path} is not a tools/bench.py --json file")
+    results = {(r["engine"], r["variant"], r["batch"]): r["images_per_s"] for r in data["results"]}
+    return results, data["engines"], data["variants"], data["batch"], data["meta"]
+
+
+def plot(path, results, engines, variants, batches, meta):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        from plots import bench_chart
+        bench_chart(path, results, engines, variants, batches, meta)
+    except ImportError as err:
+        sys.exit(f"cannot plot: {err} (.venv/bin/pip install -r tools/requirements.txt)")
+    print(f"chart written to {path}", file=sys.stderr)
+
+
+def onnx_engines_ready(engines, a):
+    """Exports the ONNX models the ONNX engines need and checks OpenVINO; returns the engines
+    that can run, saying on stderr which were dropped and why."""
+    def drop(names, why):
+        gone = [e for e in engines if e in names]
+        if gone:
+            print(f"skipping {', '.join(gone)}: {why}", file=sys.stderr)
+            engines[:] = [e for e in engines if e not in gone]
+    if any(e in ONNX_ENGINES for e in engines):
+        print("exporting ONNX models (cached in .data/bench/) ...", file=sys.stderr)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "export",
+                            "--variants", ",".join(a.variants), "--size", str(a.size)],
+                           capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
+        if p.returncode != 0:
+            drop(ONNX_ENGINES, f"export failed:\n{p.stderr.strip()[-2000:]}")
+    if any(e in OPENVINO_PRECISION for e in engines):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "openvino-caps"],
+                           capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            drop(OPENVINO_PRECISION, f"OpenVINO unavailable ({last}; .venv/bin/pip install -r "
+                 "tools/requirements.txt)")
+        else:
+            caps = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"OpenVINO {caps['version']}, CPU plugin capabilities: {', '.join(caps['capabilities'])}",
+                  file=sys.stderr)
+            if "BF16" not in caps["capabilities"]:
+                drop(["openvino-bf16"], "this CPU has no bf16 support in OpenVINO "
+                     "(BF16 not in the CPU plugin's OPTIMIZATION_CAPABILITIES)")
+    return engines
 
 
 def main():
@@ -229,29 +379,41 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--engines", type=csv, default=["candle", "pytorch", "onnxruntime"])
+    ap.add_argument("--engines", type=csv, default=["candle", "pytorch", "onnxruntime"],
+                    help="candle, candle:NAME, pytorch, pytorch-cl, onnxruntime, openvino, openvino-bf16")
     ap.add_argument("--channels-last", action="store_true", help="also measure pytorch-cl")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "fasternet-serve"))
     ap.add_argument("--rust-engine-flag", metavar="NAME", help="pass --engine NAME to the binary")
+    ap.add_argument("--ratio-against", type=csv, metavar="ENGINES",
+                    help="engines to divide by, one `vs` column each (default: those of pytorch, "
+                         "onnxruntime, openvino, openvino-bf16 in the run)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--json", metavar="FILE", help="save the raw results (every round) and the machine")
+    ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results (matplotlib)")
+    ap.add_argument("--plot-from", metavar="FILE.json",
+                    help="no measuring: print the table of a --json file and chart it "
+                         "(to --plot, default FILE.png)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return run_worker(a)
+    if a.plot_from:
+        results, engines, variants, batches, meta = load_json(a.plot_from)
+        report(results, engines, variants, batches, ratio_bases(engines, a.ratio_against), meta, a.markdown)
+        return plot(a.plot or os.path.splitext(a.plot_from)[0] + ".png", results, engines, variants,
+                    batches, meta)
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before measuring, not after)
+        except ImportError as err:
+            ap.error(f"--plot needs matplotlib ({err}): .venv/bin/pip install -r tools/requirements.txt")
 
     engines = a.engines + (["pytorch-cl"] if a.channels_last and "pytorch-cl" not in a.engines else [])
     if any(e.startswith("candle") for e in engines) and not os.access(a.binary, os.X_OK):
         print(f"skipping candle: {a.binary} not found or not executable (cargo build --release)",
               file=sys.stderr)
         engines = [e for e in engines if not e.startswith("candle")]
-    if "onnxruntime" in engines:
-        print("exporting ONNX models (cached in .data/bench/) ...", file=sys.stderr)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "export",
-                            "--variants", ",".join(a.variants), "--size", str(a.size)],
-                           capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
-        if p.returncode != 0:
-            print(f"skipping onnxruntime: export failed:\n{p.stderr.strip()[-2000:]}", file=sys.stderr)
-            engines.remove("onnxruntime")
+    engines = onnx_engines_ready(engines, a)
 
     busy = cpu_busy()
     if busy > 0.15:  # other CPU users (a cargo build...) make OpenMP/rayon thread barriers collapse
@@ -276,7 +438,13 @@ def main():
                       file=sys.stderr, flush=True)
     if not results:
         sys.exit("no engine produced results")
-    report(results, engines, a)
+    engines = [e for e in engines if any(k[0] == e for k in results)]
+    meta = machine(a, engines)
+    if a.json:
+        save_json(a.json, results, engines, a.variants, a.batch, meta)
+    report(results, engines, a.variants, a.batch, ratio_bases(engines, a.ratio_against), meta, a.markdown)
+    if a.plot:
+        plot(a.plot, results, engines, a.variants, a.batch, meta)
 
 
 if __name__ == "__main__":

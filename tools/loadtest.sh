@@ -33,6 +33,15 @@
 #   --ready-timeout S       seconds to wait for /readyz        (180)
 #   --bin PATH              server binary (target/release/fasternet-serve)
 #   --markdown              print Markdown tables for docs/performance.md plus the machine
+#   --json FILE             also save the results (every level, the model-only figures and
+#                           the machine) as JSON, for --plot-from
+#   --plot FILE.png         also draw requests/s and p99 latency against clients, one column
+#                           per model, with the model-only rate and the p99 bound as dashed
+#                           lines (tools/plots.py; needs matplotlib: pip install -r
+#                           tools/requirements.txt; Python: $PYTHON, else .venv/bin/python,
+#                           else python3)
+#   --plot-from FILE.json   measure nothing: draw the chart of a saved --json run to --plot
+#                           (default FILE.png)
 #
 # Requires wrk (Debian: apt-get install -y wrk), curl and awk.
 #
@@ -63,6 +72,9 @@ BENCH_SECONDS=5
 READY_TIMEOUT=180
 BIN="target/release/fasternet-serve"
 MARKDOWN=0
+JSON_OUT=""
+PLOT_OUT=""
+PLOT_FROM=""
 LUA="$REPO_ROOT/tools/loadtest.lua"
 
 die() { echo "loadtest: $*" >&2; exit 2; }
@@ -87,10 +99,27 @@ while [[ $# -gt 0 ]]; do
     --ready-timeout) READY_TIMEOUT="${2:?}"; shift 2 ;;
     --bin) BIN="${2:?}"; shift 2 ;;
     --markdown) MARKDOWN=1; shift ;;
+    --json) JSON_OUT="${2:?}"; shift 2 ;;
+    --plot) PLOT_OUT="${2:?}"; shift 2 ;;
+    --plot-from) PLOT_FROM="${2:?}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
+
+# Charts: tools/plots.py with matplotlib, checked before any measuring.
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PY="$REPO_ROOT/.venv/bin/python"; else PY=python3; fi
+fi
+if [[ -n "$PLOT_FROM" ]]; then
+  [[ -f "$PLOT_FROM" ]] || die "$PLOT_FROM not found"
+  exec "$PY" "$REPO_ROOT/tools/plots.py" "$PLOT_FROM" ${PLOT_OUT:+"$PLOT_OUT"}
+fi
+if [[ -n "$PLOT_OUT" ]]; then
+  "$PY" -c 'import matplotlib' 2>/dev/null \
+    || die "--plot needs matplotlib for $PY (pip install -r tools/requirements.txt, or set PYTHON)"
+fi
 
 for v in DURATION WARMUP MAX_BATCH DELAY_MS QUEUE_CAP THREADS WRK_THREADS BENCH_SECONDS READY_TIMEOUT; do
   is_uint "${!v}" || die "$v must be a non-negative integer, got '${!v}'"
@@ -276,13 +305,17 @@ run_wrk() { # conc seconds outfile
 
 RESULTS="$TMP/results.tsv" # model conc ips ratio mean_batch fwd_ms p50 p99 non2xx codes sockerr rej
 MODEL_ONLY="$TMP/model_only.tsv" # model ips ms_per_batch bound_ms
+IMAGES_TSV="$TMP/images.tsv" # model image_basename bytes
 : >"$RESULTS"
 : >"$MODEL_ONLY"
+: >"$IMAGES_TSV"
 LOAD_AT_START="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+RUN_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
 
 for m in "${MODEL_LIST[@]}"; do
   use_image "${IMAGE_OVERRIDE:-$(default_image "$m")}"
   IMAGES_USED="$IMAGES_USED${IMAGES_USED:+, }$m: $(basename "$IMAGE") ($IMAGE_BYTES bytes, $CONTENT_TYPE)"
+  printf '%s\t%s\t%s\n' "$m" "$(basename "$IMAGE")" "$IMAGE_BYTES" >>"$IMAGES_TSV"
   bench_out="$(run_bench "$m")"
   read -r mo_ips mo_ms <<<"$bench_out"
   settle_s="$(awk -v f="$mo_ms" 'BEGIN { s = 1.2 * f / 1000 + 0.2; printf "%.2f", (s < 0.5 ? 0.5 : s) }')"
@@ -400,4 +433,70 @@ else
   echo "  $NOTE_CPU"
   echo "  ${NOTE_BOUND//\`/}"
   checks "  "
+fi
+
+# --- saved results and chart (stdout above is unchanged by these) ---------
+json_str() { # value -> JSON string
+  local s="$1"
+  s="${s//\\/\\\\}"
+  s="${s//\"/\\\"}"
+  s="${s//$'\t'/ }"
+  printf '"%s"' "$s"
+}
+
+write_json() { # file
+  local m ips ms bound s img bytes first=1
+  {
+    printf '{"kind": "load", "tool": "tools/loadtest.sh", "meta": {'
+    printf '"cpu": %s, "cpus_available": %s, "cpus_all": %s, ' "$(json_str "$CPU_MODEL")" \
+      "$(json_str "$CPUS_AVAIL")" "$(json_str "$CPUS_ALL")"
+    printf '"load_at_start": %s, "threads": %d, "max_batch_size": %d, "max_batch_delay_ms": %d, ' \
+      "$(json_str "$LOAD_AT_START")" "$THREADS" "$MAX_BATCH" "$DELAY_MS"
+    printf '"queue_capacity": %d, "wrk_threads": %d, "wrk_version": %s, "duration_s": %d, ' \
+      "$QUEUE_CAP" "$WRK_THREADS" "$(json_str "$WRK_VERSION")" "$DURATION"
+    printf '"bench_seconds": %d, "date": %s, "setup": %s, ' "$BENCH_SECONDS" \
+      "$(json_str "$RUN_DATE")" "$(json_str "${SETUP//\`/}")"
+    printf '"rate_label": "requests/s (2xx, one image each)", "subtitle": %s},\n' \
+      "$(json_str "--max-batch-size $MAX_BATCH --max-batch-delay-ms $DELAY_MS --queue-capacity $QUEUE_CAP; wrk $WRK_VERSION -t $WRK_THREADS, closed loop, $DURATION s per level; $RUN_DATE")"
+    printf ' "groups": ['
+    while IFS=$'\t' read -r m ips ms bound; do
+      s="$(model_size "$m")"
+      IFS=$'\t' read -r img bytes < <(awk -F'\t' -v m="$m" '$1 == m { print $2 "\t" $3 }' "$IMAGES_TSV")
+      [[ $first -eq 1 ]] || printf ','
+      first=0
+      printf '\n  {"name": %s, "model": %s, "input": %s, "image": %s, "image_bytes": %d, ' \
+        "$(json_str "$(model_label "$m") ${s}x${s}, $img")" "$(json_str "$m")" "$(json_str "${s}x${s}")" \
+        "$(json_str "$img")" "$bytes"
+      printf '"model_only_per_s": %s, "model_only_ms_per_batch": %s, "model_only_label": %s, ' \
+        "$ips" "$ms" "$(json_str "model only (bench, batch $MAX_BATCH)")"
+      printf '"p99_bound_ms": %s, "p99_bound_label": %s}' "$bound" \
+        "$(json_str "p99 bound 3 x (forward + ${DELAY_MS} ms)")"
+    done <"$MODEL_ONLY"
+    printf '],\n "rows": ['
+    first=1
+    while IFS=$'\t' read -r m c ips ratio mb fwd p50 p99 bad codes se rej; do
+      s="$(model_size "$m")"
+      IFS=$'\t' read -r img bytes < <(awk -F'\t' -v m="$m" '$1 == m { print $2 "\t" $3 }' "$IMAGES_TSV")
+      [[ $first -eq 1 ]] || printf ','
+      first=0
+      printf '\n  {"group": %s, "series": "/classify", "clients": %d, "requests_per_s": %s, ' \
+        "$(json_str "$(model_label "$m") ${s}x${s}, $img")" "$c" "$ips"
+      printf '"vs_model_only": %s, "mean_batch": %s, "mean_forward_ms": %s, "p50_ms": %s, "p99_ms": %s, ' \
+        "$ratio" "$mb" "$fwd" "$p50" "$p99"
+      printf '"non2xx": %d, "codes": %s, "socket_errors": %d, "rejections": %d}' "$bad" \
+        "$(json_str "$codes")" "$se" "$rej"
+    done <"$RESULTS"
+    printf '\n]}\n'
+  } >"$1"
+}
+
+if [[ -n "$JSON_OUT" || -n "$PLOT_OUT" ]]; then
+  JSON_FILE="${JSON_OUT:-$TMP/results.json}"
+  mkdir -p "$(dirname "$JSON_FILE")"
+  write_json "$JSON_FILE"
+  if [[ -n "$JSON_OUT" ]]; then log "results saved to $JSON_OUT"; fi
+  if [[ -n "$PLOT_OUT" ]]; then
+    mkdir -p "$(dirname "$PLOT_OUT")"
+    "$PY" "$REPO_ROOT/tools/plots.py" "$JSON_FILE" "$PLOT_OUT" || die "plotting failed"
+  fi
 fi

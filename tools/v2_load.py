@@ -11,18 +11,27 @@ and the ratios compare the doors, not the clients.
 
 Prints requests/s, p50 and p99 (ms) and errors per door and level, and each v2 door's
 requests/s as a ratio to /classify's in the same level and round.
+
+    tools/v2_load.py ... --json FILE.json --plot FILE.png
+    tools/v2_load.py --plot-from FILE.json [--plot FILE.png]
+
+`--json` also saves every row (and the machine) for a later `--plot-from`; `--plot` draws
+requests/s and p99 latency against clients, one line per door, the median over rounds with
+min-max error bars (tools/plots.py, needs matplotlib); `--plot-from` measures nothing and
+draws a saved run (to --plot, default FILE.png).
 """
 import argparse
 import http.client
 import json
+import os
 import statistics
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
 
 def classify_door(args, image):
@@ -72,15 +81,46 @@ def run(make_call, clients, seconds):
     return len(latencies) / seconds, pick(0.5), pick(0.99), errors[0]
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def chart(source, out):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from plots import chart_from_file
+    except ImportError as err:
+        sys.exit(f"cannot plot: {err} (pip install -r tools/requirements.txt)")
+    print(f"chart written to {chart_from_file(source, out)}", file=sys.stderr)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--http", default="127.0.0.1:8080")
     p.add_argument("--grpc", default="127.0.0.1:8081")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", metavar="FILE", help="also save the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also chart requests/s and p99 against clients")
+    p.add_argument("--plot-from", metavar="FILE.json", help="measure nothing: chart a saved --json run")
     args = p.parse_args()
+    if args.plot_from:
+        return chart(args.plot_from, args.plot)
+    if not args.image:
+        p.error("--image is required (unless --plot-from)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before measuring, not after)
+        except ImportError as err:
+            p.error(f"--plot needs matplotlib: {err}")
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
     image = open(args.image, "rb").read()
     model = json.load(urllib.request.urlopen(f"http://{args.http}/v1/models"))["models"][0]["name"]
     doors = {
@@ -91,6 +131,7 @@ def main():
     print(f"model {model}, image {args.image} ({len(image)} bytes), {args.seconds:g} s per run, {args.rounds} rounds")
     print("| clients | round | door | requests/s | p50 ms | p99 ms | errors | / classify |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    rows = []
     for clients in map(int, args.concurrency.split(",")):
         for round_ in range(1, args.rounds + 1):
             base = None
@@ -98,6 +139,29 @@ def main():
                 rate, p50, p99, errors = run(make, clients, args.seconds)
                 base = base or rate
                 print(f"| {clients} | {round_} | {door} | {rate:.1f} | {p50:.1f} | {p99:.1f} | {errors} | {rate / base:.2f} |", flush=True)
+                rows.append({"group": f"model {model}", "series": door, "clients": clients, "round": round_,
+                             "requests_per_s": rate, "p50_ms": p50, "p99_ms": p99, "errors": errors,
+                             "vs_classify": rate / base if base else None})
+    if args.json or args.plot:
+        date = time.strftime("%Y-%m-%d %H:%M %Z")
+        data = {"kind": "load", "tool": "tools/v2_load.py", "meta": {
+            "cpu": cpu_model(), "cpus": os.cpu_count(), "model": model, "http": args.http, "grpc": args.grpc,
+            "image": os.path.basename(args.image), "image_bytes": len(image), "seconds": args.seconds,
+            "rounds": args.rounds, "date": date, "rate_label": "requests/s",
+            "subtitle": f"/classify, v2 REST, v2 gRPC; {os.path.basename(args.image)} ({len(image)} bytes), top 5; "
+                        f"{args.seconds:g} s per run, median of {args.rounds} rounds (error bars min-max); "
+                        f"Python clients on the same machine; {date}"},
+            "groups": [{"name": f"model {model}"}], "rows": rows}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.json or os.path.join(tmp, "results.json")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+            if args.json:
+                print(f"results saved to {path}", file=sys.stderr)
+            if args.plot:
+                chart(path, args.plot)
 
 
 if __name__ == "__main__":

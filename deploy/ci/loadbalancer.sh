@@ -7,6 +7,8 @@
 #   restart  the instance comes back: /readyz, haproxy marks it UP, Prometheus sees up=1
 #   phase 2  SIGKILL one instance mid-load: failures are reported and must not exceed
 #            FASTERNET_LB_KILL_MAX_FAILURES (default 0: haproxy's L7 retries should hide a crash)
+#   alerts   Prometheus loads deploy/monitoring/alerts.yaml: every rule evaluates without error
+#            on the real series, and FasternetTargetDown goes pending for the killed instance
 #
 # Everything listens on 127.0.0.1 (free ports); every process started here is stopped by PID on
 # exit; every wait has a timeout; the load is a fixed number of requests with a time cap.
@@ -173,6 +175,8 @@ global:
   scrape_interval: 1s
   scrape_timeout: 1s
   evaluation_interval: 1s
+rule_files:
+  - $ROOT/deploy/monitoring/alerts.yaml
 scrape_configs:
   - job_name: fasternet
     static_configs:
@@ -258,6 +262,31 @@ log "haproxy: $(lb_stat); prometheus: up {$(prom_up)}"
 
 step "phase 2: SIGKILL under load"
 run_phase sigkill KILL "$KILL_MAX_FAILURES"
+
+step "alerting rules in Prometheus"
+# Instance a is down since the SIGKILL: its target is up=0 and exported fasternet_build_info
+# within the hour, so FasternetTargetDown is pending (it fires after its 5 minutes).
+python3 - "http://127.0.0.1:$PORT_PROM" "127.0.0.1:$PORT_A" "$(grep -c -- '- alert:' deploy/monitoring/alerts.yaml)" <<'PY' \
+    || die "the alerting rules did not all load and evaluate in Prometheus"
+import json, sys, time, urllib.request
+base, down, want = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.time() + 20
+while True:
+    d = json.load(urllib.request.urlopen(base + "/api/v1/rules?type=alert", timeout=2))
+    rules = [r for g in d["data"]["groups"] for r in g["rules"]]
+    bad = [f"{r['name']}: {r.get('health')} {r.get('lastError', '')}" for r in rules if r.get("health") != "ok"]
+    pending = [a for r in rules if r["name"] == "FasternetTargetDown" for a in r.get("alerts", [])
+               if a["labels"].get("instance") == down]
+    if len(rules) == want and not bad and pending:
+        break
+    if time.time() > deadline:
+        sys.exit(f"after 20s: {len(rules)} of {want} alerting rules, unhealthy: {bad}, "
+                 f"FasternetTargetDown for {down}: {pending}")
+    time.sleep(0.5)
+states = ", ".join(f"{r['name']}={r['state']}" for r in rules)
+print(f"{len(rules)} alerting rules evaluated without error ({states}); "
+      f"FasternetTargetDown {pending[0]['state']} for {down}", file=sys.stderr)
+PY
 
 step "shutdown"
 stop_pid "${PID[b]}" $((APP_GRACE + 5))

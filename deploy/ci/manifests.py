@@ -11,7 +11,15 @@
         The prometheus-adapter rule publishes the metric that the rendered HPA scales on.
     manifests.py check-compose COMPOSE.yaml
         compose.yaml, its haproxy.cfg and prometheus.yml agree (service names, ports, /readyz
-        health checks, retries, stop grace period longer than the server's drain).
+        health checks, retries, stop grace period longer than the server's drain, the rule files
+        prometheus.yml loads are mounted where it looks for them).
+    manifests.py prometheusrule RULES.yaml
+        Prints the PrometheusRule of deploy/k8s/overlays/prometheusrule: RULES.yaml's groups as
+        its spec.groups (the text indented, comments kept).
+    manifests.py check-alerts RULES.yaml TESTS.yaml RUNBOOK.md
+        Every alert has `for:`, a severity, a summary, a description and a runbook annotation
+        naming a heading of RUNBOOK.md; TESTS.yaml (promtool test rules) has, for every alert,
+        a case where it fires and one where it does not.
     manifests.py check-kserve RENDERED.yaml
         The KServe ServingRuntime and InferenceService (deploy/kserve): what KServe's admission
         webhooks and controller would refuse or silently get wrong (runtime reference, model
@@ -26,6 +34,8 @@ import sys
 
 import yaml
 
+# The alerting rules; a rendered PrometheusRule must hold exactly their groups.
+ALERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "monitoring", "alerts.yaml")
 BUILTIN_GROUPS = {"", "apps", "autoscaling", "policy", "batch", "networking.k8s.io", "rbac.authorization.k8s.io"}
 # Metrics the server exports that an HPA may sensibly scale on (per pod).
 SERVER_METRICS = {"fasternet_queue_depth"}
@@ -237,6 +247,42 @@ def check(path):
         print(f"  ServiceMonitor/{m['metadata']['name']}: selects {[s['metadata']['name'] for s in targets]}, "
               f"ports {[ep.get('port') for ep in m['spec']['endpoints']]}")
 
+    # PrometheusRule (a CRD too): the rule file's groups, picked up by the same Prometheus.
+    for r in by_kind(docs, "PrometheusRule"):
+        rname = r["metadata"]["name"]
+        if r["apiVersion"] != "monitoring.coreos.com/v1":
+            err(f"PrometheusRule apiVersion {r['apiVersion']}")
+        if set(r["spec"]) != {"groups"}:
+            err(f"PrometheusRule spec has fields {sorted(r['spec'])}, expected only groups")
+        if r["spec"].get("groups") != yaml.safe_load(open(ALERTS))["groups"]:
+            err(f"PrometheusRule/{rname} is not deploy/monitoring/alerts.yaml: regenerate it "
+                "(manifests.py prometheusrule)")
+        if not monitors:
+            err(f"PrometheusRule/{rname} without a ServiceMonitor: the Prometheus Operator's Prometheus would not scrape what it alerts on")
+        for m in monitors:
+            if m["metadata"].get("labels", {}).get("release") != r["metadata"].get("labels", {}).get("release"):
+                err(f"PrometheusRule/{rname} and ServiceMonitor/{m['metadata']['name']} carry different release labels")
+        rules = [x for g in r["spec"].get("groups", []) for x in g.get("rules", [])]
+        print(f"  PrometheusRule/{rname}: {len(rules)} rules, equal to deploy/monitoring/alerts.yaml")
+
+
+def prometheusrule(rules_path):
+    text = open(rules_path).read()
+    body = text[text.index("\ngroups:") + 1:]
+    print(f"""# GENERATED from deploy/monitoring/alerts.yaml (described in docs/monitoring.md): edit that file,
+# then `python3 deploy/ci/manifests.py prometheusrule deploy/monitoring/alerts.yaml >
+# deploy/k8s/overlays/prometheusrule/prometheusrule.yaml`; deploy/ci/lint.sh checks they agree.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: fasternet-serve
+  labels:
+    app.kubernetes.io/name: fasternet-serve
+    # Like the ServiceMonitor's: set it to match your Prometheus' ruleSelector.
+    release: prometheus
+spec:""")
+    print("".join("  " + line if line.strip() else line for line in body.splitlines(True)), end="")
+
 
 def check_adapter(values_path, rendered):
     v = yaml.safe_load(open(values_path))
@@ -319,7 +365,72 @@ def check_compose(path):
         names = [n for j in p.get("scrape_configs", []) for sd in j.get("dns_sd_configs", []) for n in sd.get("names", [])]
         if "fasternet" not in names:
             err("prometheus.yml does not discover the fasternet replicas via dns_sd_configs")
+        # Rule files are relative to the config file: the same relative path must lead to the
+        # same file in the repository and, through the mounts, in the container.
+        svc = svcs["prometheus"]
+        config = next((a.split("=", 1)[1] for a in svc.get("command", []) if a.startswith("--config.file=")),
+                      "/etc/prometheus/prometheus.yml")
+        mounts = {}
+        for v in svc.get("volumes", []):
+            src, dst = v.split(":")[:2]
+            mounts[os.path.normpath(dst)] = os.path.normpath(os.path.join(base, src))
+        if mounts.get(os.path.normpath(config)) != os.path.normpath(prom):
+            err(f"prometheus reads {config}, which is not where prometheus.yml is mounted")
+        rule_files = p.get("rule_files") or []
+        if not rule_files:
+            err("prometheus.yml loads no rule_files (deploy/monitoring/alerts.yaml)")
+        for rf in rule_files:
+            here = os.path.normpath(os.path.join(os.path.dirname(prom), rf))
+            there = os.path.normpath(os.path.join(os.path.dirname(config), rf))
+            if not os.path.isfile(here):
+                err(f"prometheus.yml rule_files {rf}: {here} does not exist")
+            elif mounts.get(there) != here:
+                err(f"prometheus.yml rule_files {rf} is {there} in the container, where compose.yaml "
+                    f"mounts {mounts.get(there, 'nothing')} instead of {here}")
+            else:
+                print(f"  prometheus rule_files {rf}: {os.path.relpath(here)} mounted at {there}")
     print(f"  compose: {app.get('deploy', {}).get('replicas')} replicas, stop_grace_period {stop:g}s > drain {grace:g}s")
+
+
+def anchor(heading):
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def check_alerts(rules_path, tests_path, runbook_path):
+    rules = [r for g in yaml.safe_load(open(rules_path))["groups"] for r in g["rules"] if "alert" in r]
+    tests = yaml.safe_load(open(tests_path))
+    anchors = {anchor(m) for m in re.findall(r"^#+\s+(.*)$", open(runbook_path).read(), re.M)}
+    fires, silent = set(), set()
+    for t in tests.get("tests", []):
+        for case in t.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else silent).add(case["alertname"])
+    names = set()
+    for r in rules:
+        name = r["alert"]
+        if name in names:
+            err(f"alert {name} defined twice")
+        names.add(name)
+        if not r.get("for"):
+            err(f"alert {name} has no for:")
+        if r.get("labels", {}).get("severity") not in ("warning", "critical"):
+            err(f"alert {name}: severity {r.get('labels', {}).get('severity')!r} is not warning or critical")
+        ann = r.get("annotations", {})
+        for k in ("summary", "description", "runbook"):
+            if not ann.get(k):
+                err(f"alert {name} has no {k} annotation")
+        book = ann.get("runbook", "")
+        if "#" not in book or book.split("#", 1)[1] not in anchors:
+            err(f"alert {name}: runbook {book!r} is not a heading of {runbook_path}")
+        if name not in fires:
+            err(f"alert {name}: no test in {tests_path} where it fires")
+        if name not in silent:
+            err(f"alert {name}: no test in {tests_path} where it stays silent")
+    for name in (fires | silent) - names:
+        err(f"{tests_path} tests {name}, which {rules_path} does not define")
+    if not errors:
+        print(f"  {len(names)} alerts: each with for:, severity, summary, description, runbook in "
+              f"{runbook_path}; each tested firing and silent")
 
 
 # KServe (v0.20; pkg/constants and the v1beta1 validation webhook).
@@ -587,6 +698,10 @@ def main():
         check_adapter(*args)
     elif cmd == "check-compose":
         check_compose(*args)
+    elif cmd == "check-alerts":
+        check_alerts(*args)
+    elif cmd == "prometheusrule":
+        prometheusrule(*args)
     elif cmd == "check-kserve":
         check_kserve(*args)
     else:

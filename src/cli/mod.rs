@@ -109,29 +109,15 @@ pub fn main_with_args(mut args: Vec<OsString>) -> anyhow::Result<i32> {
     }
     let cli = Cli::parse_from(args);
     let json_logs = matches!(&cli.command, Command::Serve(s) if s.log_format == "json");
-    init_logging(json_logs);
+    // Traces are the server's; dropped last, after the command, to flush them.
+    let _telemetry =
+        fasternet_serve::telemetry::init(json_logs, matches!(cli.command, Command::Serve(_)))?;
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
-    }
-}
-
-/// Logs go to stderr; RUST_LOG filters them (default `info`).
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

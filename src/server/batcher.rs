@@ -18,6 +18,7 @@ use super::memory::Reservation;
 use super::metrics::Metrics;
 use crate::classifier::{Outcome, Task};
 use crate::Classifier;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The worker's view of a model: a batch of prepared images and their tasks in, one outcome
 /// per image out.
@@ -54,6 +55,16 @@ pub struct Job {
     pub memory: Reservation,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<Answer, String>>,
+    /// Set when traces are exported.
+    pub trace: Option<JobTrace>,
+}
+
+/// Where a queued image is in its request's trace.
+pub struct JobTrace {
+    /// Open while the image waits; it ends when the image's forward pass starts.
+    pub queue: tracing::Span,
+    /// The request's own span, which the forward pass links to.
+    pub request: opentelemetry::trace::SpanContext,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -217,12 +228,24 @@ async fn run_worker(
     tracing::info!("inference worker stopped: queue closed and empty");
 }
 
-fn run_batch(backend: &dyn Backend, batch: Vec<Job>, metrics: &Metrics) {
+fn run_batch(backend: &dyn Backend, mut batch: Vec<Job>, metrics: &Metrics) {
+    // One span for the pass, in a trace of its own, linked to every request it computes for.
+    let forward = tracing::debug_span!(parent: None, "forward", batch_size = batch.len() as i64);
+    let mut linked: Vec<opentelemetry::trace::SpanId> = Vec::new();
+    for trace in batch.iter_mut().filter_map(|job| job.trace.take()) {
+        // Ending the image's queue-wait span (dropped here); one link per request.
+        if !linked.contains(&trace.request.span_id()) {
+            linked.push(trace.request.span_id());
+            forward.add_link(trace.request);
+        }
+    }
     let started = Instant::now();
     let images: Vec<Tensor> = batch.iter().map(|job| job.image.clone()).collect();
     let tasks: Vec<Task> = batch.iter().map(|job| job.task).collect();
-    let result = catch_unwind(AssertUnwindSafe(|| backend.infer(&images, &tasks)))
+    let result = forward
+        .in_scope(|| catch_unwind(AssertUnwindSafe(|| backend.infer(&images, &tasks))))
         .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
+    drop(forward);
     let inference = started.elapsed();
     metrics.batch_size.observe(batch.len() as f64);
     metrics.inference_duration.observe(inference.as_secs_f64());
@@ -335,6 +358,7 @@ mod tests {
                     memory,
                     enqueued: Instant::now(),
                     reply: tx,
+                    trace: None,
                 });
                 rx
             })
@@ -373,7 +397,17 @@ mod tests {
             let (reply, rx) = oneshot::channel();
             let image = Tensor::new(&[[[v]]], &Device::Cpu).unwrap();
             let memory = Reservation::default();
-            (Job { image, task: task_for(v), memory, enqueued: Instant::now(), reply }, rx)
+            (
+                Job {
+                    image,
+                    task: task_for(v),
+                    memory,
+                    enqueued: Instant::now(),
+                    reply,
+                    trace: None,
+                },
+                rx,
+            )
         };
         let (first, first_rx) = job(2.0);
         slots.send(first);

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
-use super::batcher::Job;
+use super::batcher::{Job, JobTrace};
 use super::error::ApiError;
 use super::input::{EncodedImage, Images};
 use super::memory::{Refused, Reservation};
 use super::AppState;
 use crate::classifier::{Outcome, Task};
 use crate::preprocess::{ImageError, Plan};
+use crate::telemetry;
 
 /// Bytes an answer holds per output value until the response is written: the f32 in the
 /// worker's answer and its text (JSON) or raw bytes.
@@ -76,6 +78,7 @@ where
     let timeout = state.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let work = async {
+        let request_span = telemetry::current_span_context();
         let (mut read, extra) = read(deadline).await?;
         let task = read.task;
         // Reserve queue slots for every image before decoding any: a full queue rejects fast.
@@ -92,10 +95,12 @@ where
                 Input::Pixels(_) => None,
             })
             .collect();
-        let prepared = futures_util::future::join_all(
-            items.into_iter().enumerate().map(|(index, input)| prepare(state, index, input)),
-        )
-        .await;
+        let prepared =
+            futures_util::future::join_all(items.into_iter().enumerate().map(|(index, input)| {
+                prepare(state, index, input)
+                    .instrument(tracing::debug_span!("preprocess", image.index = index as i64))
+            }))
+            .await;
         drop(read); // the body and its memory
         let preprocess = preprocess_start.elapsed();
         let mut receivers = Vec::with_capacity(prepared.len());
@@ -104,7 +109,10 @@ where
         for result in prepared {
             let (image, memory, answer_memory) = result?;
             let (reply, rx) = oneshot::channel();
-            jobs.push(Job { image, task, memory, enqueued: Instant::now(), reply });
+            let trace = request_span
+                .clone()
+                .map(|request| JobTrace { queue: tracing::debug_span!("queue_wait"), request });
+            jobs.push(Job { image, task, memory, enqueued: Instant::now(), reply, trace });
             receivers.push(rx);
             answers_memory.push(answer_memory);
         }
@@ -165,7 +173,9 @@ async fn prepare(
         failed(e)
     })?;
     let mut memory = reserve(state, plan.peak_bytes + answer_bytes, index, &image.filename).await?;
+    let span = tracing::debug_span!("decode_resize", image.bytes = image.bytes.len() as i64);
     let run = move |state: &AppState, bytes: &[u8], plan: &Plan| {
+        let _entered = span.enter();
         let start = Instant::now();
         let result =
             catch_unwind(AssertUnwindSafe(|| state.classifier.preprocessor().prepare(bytes, plan)))

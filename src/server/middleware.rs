@@ -1,5 +1,5 @@
 //! What every request passes through: request ids, the JSON form of errors made outside the
-//! handlers, API keys and the request metrics.
+//! handlers, API keys, the request metrics, and the span of each API request.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,9 +10,13 @@ use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use tower_http::trace::{DefaultOnResponse, OnResponse};
+use tracing::field::Empty;
+
 use super::error::{ApiError, RejectReason};
 use super::input::drain_if_unread;
 use super::AppState;
+use crate::telemetry;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -135,4 +139,35 @@ impl Drop for Recording {
             self.record(left.status().as_str(), Some(left.code()));
         }
     }
+}
+
+/// The span of one API request, in which its log lines are written. With tracing on it
+/// continues the caller's trace (`traceparent`) as a server span named after its route.
+pub fn request_span(request: &Request) -> tracing::Span {
+    let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let span = tracing::info_span!("request", method = %request.method(), uri = %request.uri(),
+        request_id = %id, trace_id = Empty, otel.name = Empty, otel.kind = Empty,
+        otel.status_code = Empty, http.response.status_code = Empty);
+    if telemetry::tracing_enabled() {
+        let route =
+            request.extensions().get::<MatchedPath>().map_or(request.uri().path(), |p| p.as_str());
+        telemetry::continue_trace(
+            &span,
+            request.headers(),
+            &format!("{} {route}", request.method()),
+        );
+    }
+    span
+}
+
+/// Logs the response; with tracing on, also sets its status on the request's span.
+pub fn on_response(response: &Response, latency: std::time::Duration, span: &tracing::Span) {
+    if telemetry::tracing_enabled() {
+        let status = response.status();
+        span.record("http.response.status_code", i64::from(status.as_u16()));
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    DefaultOnResponse::new().level(tracing::Level::INFO).on_response(response, latency, span)
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 
 use super::api::{
     query, BatchingInfo, ClassifyQuery, ClassifyResponse, ClassifyResult, EmbedQuery,
@@ -24,7 +24,8 @@ use super::error::{ApiError, ErrorBody};
 use super::inference::{self, Inferred, Inputs};
 use super::input::{read_images, ImageFile, ImagesJson, ImagesMultipart};
 use super::middleware::{
-    cap_request_id, every_response, record_metrics, require_api_key, REQUEST_ID,
+    cap_request_id, every_response, on_response, record_metrics, request_span, require_api_key,
+    REQUEST_ID,
 };
 use super::AppState;
 use crate::classifier::Task;
@@ -41,10 +42,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     let api = api
         .route("/openapi.json", get(super::api::openapi))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
-        }).on_response(DefaultOnResponse::new().level(tracing::Level::INFO)));
+        .layer(TraceLayer::new_for_http().make_span_with(request_span).on_response(on_response));
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
     if state.config.protect_metrics {
         metrics_route = metrics_route.layer(from_fn_with_state(state.clone(), require_api_key));

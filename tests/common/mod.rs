@@ -24,6 +24,11 @@ impl Server {
     /// Starts the bundled model with extra flags and waits until /readyz answers 200. The
     /// address comes from `--address-file`, as a supervisor would learn it.
     pub async fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let address_file = dir.path().join("address");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
@@ -33,6 +38,7 @@ impl Server {
             .arg(&address_file)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -249,4 +255,31 @@ pub fn deflated_zeros(n: usize) -> Vec<u8> {
         left -= k;
     }
     z.finish().unwrap()
+}
+
+/// One v2 gRPC ModelInfer of a small PNG through tritonclient (Python), with a W3C
+/// `traceparent` in its metadata when given. False (and a note) when tritonclient is not
+/// installed; CI installs it (.ci/run), and there its absence fails the test.
+pub async fn tritonclient_model_infer(s: &Server, traceparent: Option<&str>) -> bool {
+    let probe = Command::new("python3").args(["-c", "import tritonclient.grpc"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        let install = "pip install 'tritonclient[grpc]'";
+        assert!(std::env::var_os("CI").is_none(), "CI must install tritonclient ({install})");
+        eprintln!("skipped the gRPC call: tritonclient is not installed ({install})");
+        return false;
+    }
+    let script = "import sys, numpy as np, tritonclient.grpc as g\n\
+                  addr, image, model, traceparent = sys.argv[1:5]\n\
+                  i = g.InferInput('image', [1], 'BYTES')\n\
+                  i.set_data_from_numpy(np.array([open(image, 'rb').read()], dtype=np.object_))\n\
+                  headers = {'traceparent': traceparent} if traceparent else None\n\
+                  g.InferenceServerClient(addr).infer(model, [i], headers=headers)\n";
+    let image = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fashion_mnist_t10k_0.png");
+    let grpc = s.grpc.clone().expect("started with --grpc-port");
+    let mut python = Command::new("python3");
+    python.args(["-c", script, &grpc, image, "fasternet_t0.fashion_mnist"]);
+    python.arg(traceparent.unwrap_or(""));
+    let (status, report) = run_to_end(python).await;
+    assert!(status.success(), "tritonclient's ModelInfer failed:\n{report}");
+    true
 }

@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Code, Request, Response, Status};
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::{
     check_model, outputs, plan_outputs, read_inputs, tensors, Data, InputTensor, Requested,
@@ -26,6 +28,7 @@ use crate::server::error::ApiError;
 use crate::server::inference::{self, Inputs};
 use crate::server::memory::{Refused, Reservation};
 use crate::server::AppState;
+use crate::telemetry;
 
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
@@ -321,9 +324,28 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         self.authorize(&request)?;
-        let result = self.infer(request).await;
+        let span = tracing::debug_span!(
+            "request",
+            rpc = "ModelInfer",
+            trace_id = Empty,
+            otel.name = Empty,
+            otel.kind = Empty,
+            otel.status_code = Empty,
+            rpc.grpc.status_code = Empty
+        );
+        if telemetry::tracing_enabled() {
+            let headers = request.metadata().clone().into_headers();
+            telemetry::continue_trace(&span, &headers, &MODEL_INFER[1..]);
+        }
+        let result = self.infer(request).instrument(span.clone()).await;
         let metrics = &self.state.metrics;
         let code = result.as_ref().map_or_else(code, |_| Code::Ok);
+        if telemetry::tracing_enabled() {
+            span.record("rpc.grpc.status_code", code as i32);
+            if matches!(code, Code::Internal | Code::Unavailable | Code::DeadlineExceeded) {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         metrics.grpc_requests.with_label_values(&[MODEL_INFER, code.description()]).inc();
         metrics
             .grpc_request_duration
