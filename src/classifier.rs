@@ -24,8 +24,8 @@ pub struct Prediction {
 /// What the caller of one image wants from its forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
-    /// The `top_k` most probable labels.
-    Classify { top_k: usize },
+    /// The `top_k` most probable labels, and every class's logit if asked.
+    Classify { top_k: usize, logits: bool },
     /// The pre-logits feature vector, scaled to unit L2 norm if asked.
     Embed { normalize: bool },
     /// Whole output tensors: every class's probability, the feature vector, or both.
@@ -35,7 +35,7 @@ pub enum Task {
 /// One image's answer to its [`Task`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Predictions(Vec<Prediction>),
+    Predictions { predictions: Vec<Prediction>, logits: Option<Vec<f32>> },
     Embedding(Vec<f32>),
     Tensors { probabilities: Option<Vec<f32>>, features: Option<Vec<f32>> },
 }
@@ -211,8 +211,16 @@ impl Classifier {
             true => output.features.to_vec2::<f32>()?,
             false => Vec::new(),
         };
+        let mut logits =
+            match tasks.iter().any(|t| matches!(t, Task::Classify { logits: true, .. })) {
+                true => output.logits.to_vec2::<f32>()?,
+                false => Vec::new(),
+            };
         let outcomes = tasks.iter().enumerate().map(|(i, task)| match *task {
-            Task::Classify { top_k } => Outcome::Predictions(self.top_k(&probabilities[i], top_k)),
+            Task::Classify { top_k, logits: l } => Outcome::Predictions {
+                predictions: self.top_k(&probabilities[i], top_k),
+                logits: l.then(|| std::mem::take(&mut logits[i])),
+            },
             Task::Embed { normalize } => {
                 let mut f = std::mem::take(&mut features[i]);
                 if normalize {
@@ -234,7 +242,7 @@ impl Classifier {
         images: &[Tensor],
         top_k: usize,
     ) -> Result<Vec<Vec<Prediction>>, ModelError> {
-        let tasks = vec![Task::Classify { top_k }; images.len()];
+        let tasks = vec![Task::Classify { top_k, logits: false }; images.len()];
         Ok(self.run(images, &tasks)?.into_iter().filter_map(Outcome::predictions).collect())
     }
 
@@ -263,8 +271,13 @@ impl Classifier {
 
 impl Outcome {
     pub fn predictions(self) -> Option<Vec<Prediction>> {
+        self.classified().map(|(predictions, _)| predictions)
+    }
+
+    /// The predictions of a [`Task::Classify`] answer, with the logits when asked for.
+    pub fn classified(self) -> Option<(Vec<Prediction>, Option<Vec<f32>>)> {
         match self {
-            Self::Predictions(p) => Some(p),
+            Self::Predictions { predictions, logits } => Some((predictions, logits)),
             _ => None,
         }
     }
@@ -368,9 +381,9 @@ mod tests {
         let images: Vec<Tensor> =
             (0..6).map(|_| Tensor::randn(0f32, 1.0, (3, h, w), &Device::Cpu).unwrap()).collect();
         let tasks = [
-            Task::Classify { top_k: 3 },
+            Task::Classify { top_k: 3, logits: false },
             Task::Embed { normalize: true },
-            Task::Classify { top_k: 1 },
+            Task::Classify { top_k: 1, logits: true },
             Task::Embed { normalize: false },
             Task::Tensors { probabilities: true, features: true },
             Task::Tensors { probabilities: true, features: false },
@@ -392,6 +405,9 @@ mod tests {
         };
         assert_eq!(answered(&mixed[0]), best(&probabilities[0], 3));
         assert_eq!(answered(&mixed[2]), best(&probabilities[2], 1));
+        let logits = output.logits.to_vec2::<f32>().unwrap();
+        assert_eq!(mixed[0].clone().classified().unwrap().1, None);
+        assert_eq!(mixed[2].clone().classified().unwrap().1, Some(logits[2].clone()));
         let unit = mixed[1].clone().embedding().expect("an embedding");
         let norm = features[1].iter().map(|x| x * x).sum::<f32>().sqrt();
         let expected: Vec<f32> = features[1].iter().map(|x| x / norm).collect();

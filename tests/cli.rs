@@ -138,6 +138,7 @@ fn bench_prints_one_line_per_batch_size() {
         "0.2",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("batch sizes"), "no progress bar off a terminal");
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
@@ -148,6 +149,39 @@ fn bench_prints_one_line_per_batch_size() {
         assert!(rate.parse::<f64>().unwrap() > 0.0);
         assert!(ms.strip_suffix(" ms/batch)").unwrap().parse::<f64>().unwrap() > 0.0);
     }
+}
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), `eval` and `bench` draw a
+/// progress bar on stderr; piped, they do not (above and in bundled_accuracy.rs).
+#[test]
+fn eval_and_bench_show_progress_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have util-linux's script");
+        eprintln!("skipped: no `script` (util-linux) to run under a pseudo-terminal");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let image =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion_mnist_t10k_0.png");
+    for (class, name) in [("0", "a"), ("0", "b"), ("9", "c")] {
+        std::fs::create_dir_all(data.path().join(class)).unwrap();
+        std::fs::copy(&image, data.path().join(class).join(format!("{name}.png"))).unwrap();
+    }
+    let binary = env!("CARGO_BIN_EXE_fasternet-serve");
+    let on_terminal = |command: String| {
+        let out = Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+        assert!(out.status.success(), "{command}: {}", text(&out.stdout));
+        text(&out.stdout)
+    };
+    let eval =
+        on_terminal(format!("{binary} eval --data {} --batch-size 1", data.path().display()));
+    assert!(eval.contains("eval [") && eval.contains("/3 images"), "{eval}");
+    assert!(eval.contains("top-1: "), "{eval}");
+    let bench = on_terminal(format!(
+        "{binary} bench --variant t0 --size 32 --batch 1,2 --threads 1 --seconds 0.6"
+    ));
+    assert!(bench.contains("batch 2 [") && bench.contains("/2 batch sizes"), "{bench}");
+    assert!(bench.contains("t0 32x32 batch 2: "), "{bench}");
 }
 
 #[test]

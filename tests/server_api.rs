@@ -142,6 +142,61 @@ async fn embed_returns_feature_vectors_optionally_normalised() {
     assert!((u[7] - e[7] / norm).abs() < 1e-5);
 }
 
+/// `logits=true` adds every class's logit: the engine's own, computed here in-process on the
+/// same image (the engine's logits are checked against timm in model_parity.rs), whose softmax
+/// gives the scores of the predictions.
+#[tokio::test]
+async fn classify_answers_raw_logits_on_request() {
+    let s = Server::start(&[]).await;
+    let c = reqwest::Client::new();
+    let image = fixture("chelsea.png");
+    let url = s.url("/classify?top_k=3&logits=true");
+    let v = json(c.post(url).body(image.clone()).send().await.unwrap()).await;
+    let result = &v["results"][0];
+    let logits: Vec<f32> = serde_json::from_value(result["logits"].clone()).unwrap();
+    let classifier = fasternet_serve::Classifier::load(&Default::default()).unwrap();
+    let x = classifier.preprocessor().load(&image).unwrap();
+    let expected = classifier.forward(&[x]).unwrap().logits.to_vec2::<f32>().unwrap();
+    assert_eq!(logits.len(), expected[0].len());
+    for (a, b) in logits.iter().zip(&expected[0]) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{logits:?} vs {:?}", expected[0]);
+    }
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    for (class, score) in scores(result) {
+        let softmax = ((logits[class as usize] - max) as f64).exp() / sum;
+        assert!((softmax - score).abs() <= 1e-5, "class {class}: {softmax} vs {score}");
+    }
+    // Not asked for: not there.
+    let v = json(c.post(s.url("/classify")).body(image.clone()).send().await.unwrap()).await;
+    assert!(v["results"][0].get("logits").is_none(), "{v}");
+    let r = c.post(s.url("/classify?logits=yes")).body(image).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+}
+
+/// With `--metrics-port`, /metrics moves to a listener of its own, which serves nothing else;
+/// the address file names it on its third line (the second is empty without gRPC).
+#[tokio::test]
+async fn metrics_port_serves_the_metrics_alone() {
+    let s = Server::start(&["--metrics-port", "0"]).await;
+    let metrics = s.metrics_base.clone().expect("the address file names the metrics address");
+    assert!(s.grpc.is_none());
+    let c = reqwest::Client::new();
+    let r = c.post(s.url("/classify")).body(fixture("chelsea.png")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = c.get(format!("{metrics}/metrics")).send().await.unwrap().text().await.unwrap();
+    let classified = text
+        .lines()
+        .find(|l| l.starts_with("fasternet_images_processed_total{route=\"/classify\"}"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(classified.ends_with(" 1"), "{classified}");
+    assert_eq!(c.get(s.url("/metrics")).send().await.unwrap().status(), 404);
+    for path in ["/classify", "/healthz", "/v1/models"] {
+        let r = c.get(format!("{metrics}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path} on the metrics port");
+    }
+}
+
 #[tokio::test]
 async fn models_health_and_unknown_routes() {
     let s = Server::start(&[]).await;

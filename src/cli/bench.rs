@@ -11,7 +11,7 @@ use fasternet_serve::preprocess::{
 };
 use fasternet_serve::server::memory::{self, ProcessMemory};
 
-use super::init_threads;
+use super::{init_threads, progress};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -58,10 +58,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         model.kernels(),
         config.macs(h, w) as f64 / 1e9
     );
+    let bar = progress(args.batch.len(), "batch sizes");
     for &batch in &args.batch {
         if batch == 0 {
             bail!("batch sizes must be positive");
         }
+        bar.set_message(format!("batch {batch}"));
         let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &Device::Cpu)?;
         // Warm-up: at least two passes and half a second.
         let warm = Instant::now();
@@ -77,13 +79,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             passes += 1;
         }
         let per_batch = start.elapsed().as_secs_f64() / passes as f64;
-        println!(
-            "{} {h}x{w} batch {batch}: {:.1} img/s ({:.1} ms/batch)",
-            args.variant,
-            batch as f64 / per_batch,
-            per_batch * 1e3
-        );
+        bar.suspend(|| {
+            println!(
+                "{} {h}x{w} batch {batch}: {:.1} img/s ({:.1} ms/batch)",
+                args.variant,
+                batch as f64 / per_batch,
+                per_batch * 1e3
+            )
+        });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(0)
 }
 
@@ -93,7 +99,9 @@ const MIB: f64 = (1 << 20) as f64;
 fn preprocessing(args: &BenchArgs, input_size: (usize, usize)) -> anyhow::Result<i32> {
     let config = PreprocessConfig { input_size, ..PreprocessConfig::imagenet() };
     let pre = Preprocessor::new(config, DEFAULT_MAX_PIXELS).with_decode(args.decode);
+    let bar = progress(args.images.len(), "images");
     for path in &args.images {
+        bar.set_message(path.display().to_string());
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
         let once = || -> anyhow::Result<Plan> {
             let plan = pre.plan(&bytes)?;
@@ -116,16 +124,20 @@ fn preprocessing(args: &BenchArgs, input_size: (usize, usize)) -> anyhow::Result
             once()?;
             runs += 1;
         }
-        println!(
-            "{}: {:.2} ms/image ({} decode, 1/{} scale, {runs} runs; peak memory {peak}, planned \
-             {:.1} MiB)",
-            path.display(),
-            start.elapsed().as_secs_f64() * 1e3 / runs as f64,
-            format!("{:?}", args.decode).to_lowercase(),
-            plan.divisor,
-            plan.peak_bytes as f64 / MIB,
-        );
+        let ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+        let decode = format!("{:?}", args.decode).to_lowercase();
+        let planned = plan.peak_bytes as f64 / MIB;
+        bar.suspend(|| {
+            println!(
+                "{}: {ms:.2} ms/image ({decode} decode, 1/{} scale, {runs} runs; peak memory \
+                 {peak}, planned {planned:.1} MiB)",
+                path.display(),
+                plan.divisor,
+            )
+        });
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(0)
 }
 

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use fasternet_serve::Classifier;
 
-use super::{init_threads, ModelArgs};
+use super::{init_threads, progress, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -49,7 +49,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
     let start = Instant::now();
     let mut per_class = vec![Tally::default(); folders.len()];
     let mut failed = 0usize;
+    let bar = progress(samples.len(), "images");
+    bar.set_message("eval");
     for chunk in samples.chunks(args.batch_size.max(1)) {
+        bar.inc(chunk.len() as u64);
         let prepared: Vec<_> = chunk
             .par_iter()
             .map(|s| {
@@ -67,7 +70,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
                     classes.push(sample.class);
                 }
                 Err(reason) => {
-                    eprintln!("error: {}: {reason}", sample.path.display());
+                    bar.suspend(|| eprintln!("error: {}: {reason}", sample.path.display()));
                     failed += 1;
                 }
             }
@@ -83,6 +86,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<i32> {
             t.top5 += preds.iter().any(|p| p.class_index == class) as usize;
         }
     }
+    bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let total = per_class.iter().fold(Tally::default(), |a, t| Tally {
         images: a.images + t.images,

@@ -121,6 +121,25 @@ pub fn main_with_args(mut args: Vec<OsString>) -> anyhow::Result<i32> {
     }
 }
 
+/// A progress bar on stderr for a long command, drawn only when stderr is a terminal (indicatif
+/// hides it otherwise), so piped and logged output stays as it was. Print through
+/// `bar.suspend` while it runs.
+pub fn progress(len: usize, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    let template =
+        format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{elapsed}} (eta {{eta}})");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    if !bar.is_hidden() {
+        // Redrawn while one long step runs, so the clock moves.
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    }
+    bar
+}
+
 /// Sizes the compute pools once, before anything uses them. candle's matmuls read
 /// RAYON_NUM_THREADS on every call, so the variable and rayon's global pool must agree.
 pub fn init_threads(threads: Option<usize>) -> usize {

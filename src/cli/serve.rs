@@ -29,9 +29,14 @@ pub struct ServeArgs {
     /// set; 0 picks a free port.
     #[arg(long, env = "FASTERNET_GRPC_PORT")]
     grpc_port: Option<u16>,
-    /// Once the server accepts connections, write its address (host:port) to this file, and
-    /// the gRPC address on a second line when gRPC is on: how a supervisor or a test learns
-    /// the port that --port 0 picked.
+    /// Serve /metrics on this port (same host) instead of the main one, where it then is not
+    /// found: keeps the scrape off the port a load balancer exposes. 0 picks a free port.
+    #[arg(long, env = "FASTERNET_METRICS_PORT")]
+    metrics_port: Option<u16>,
+    /// Once the server accepts connections, write its address (host:port) to this file, the
+    /// gRPC address on a second line (empty when gRPC is off) and the metrics address on a
+    /// third when --metrics-port is set: how a supervisor or a test learns the ports that
+    /// port 0 picked.
     #[arg(long, env = "FASTERNET_ADDRESS_FILE")]
     address_file: Option<PathBuf>,
     /// The name the model is served under: the `model` in answers and the `{name}` of the
@@ -94,8 +99,8 @@ pub struct ServeArgs {
     /// Require an API key on /metrics too.
     #[arg(long, env = "FASTERNET_PROTECT_METRICS")]
     protect_metrics: bool,
-    /// Serve the demo page at /ui/ (and redirect / to it). It calls the same API as any client,
-    /// under the same limits and keys; `--ui false` removes it.
+    /// Serve the demo page at /ui/ (and redirect / to it) and Swagger UI at /docs/. They call
+    /// the same API as any client, under the same limits and keys; `--ui false` removes both.
     #[arg(long, env = "FASTERNET_UI", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     ui: bool,
     /// Labels per image when the request gives no top_k.
@@ -127,6 +132,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let config = ServeConfig {
         addr: SocketAddr::new(args.host, args.port),
         grpc_addr: args.grpc_port.map(|port| SocketAddr::new(args.host, port)),
+        metrics_addr: args.metrics_port.map(|port| SocketAddr::new(args.host, port)),
         batch: BatchConfig {
             max_batch_size: args.max_batch_size,
             max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),

@@ -34,6 +34,9 @@ pub struct ClassifyQuery {
     /// Labels per image, 1..=num_classes (default: the server's --default-top-k).
     #[param(value_type = Option<u32>, minimum = 1)]
     pub top_k: Option<String>,
+    /// Also answer every class's raw logit, before the softmax (default false).
+    #[param(value_type = Option<bool>)]
+    pub logits: Option<String>,
 }
 
 /// Unknown parameters are refused: a misspelt `top_k` must not be silently ignored.
@@ -57,6 +60,10 @@ pub struct ClassifyResult {
     /// The multipart file name, null for other inputs.
     pub filename: Option<String>,
     pub predictions: Vec<Prediction>,
+    /// Every class's logit in class-index order, when `logits=true` was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub logits: Option<Vec<f32>>,
 }
 
 #[derive(Serialize, ToSchema)]

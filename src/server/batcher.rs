@@ -166,7 +166,7 @@ pub fn warm_up(backend: &dyn Backend, max_batch_size: usize) -> Result<(), Strin
         .map_err(|e| e.to_string())?;
     for batch in sizes {
         // Both outputs: one image is embedded, the others classified.
-        let mut tasks = vec![Task::Classify { top_k: 1 }; batch];
+        let mut tasks = vec![Task::Classify { top_k: 1, logits: false }; batch];
         tasks[0] = Task::Embed { normalize: false };
         let start = Instant::now();
         let images = vec![image.clone(); batch];
@@ -287,14 +287,17 @@ mod tests {
     /// What [`Fake`] answers for an image whose first value is `v`.
     fn echo(v: f32, task: Task) -> Outcome {
         match task {
-            Task::Classify { top_k } => Outcome::Predictions(vec![
-                crate::Prediction {
-                    label: v.to_string(),
-                    class_index: top_k,
-                    score: v
-                };
-                top_k
-            ]),
+            Task::Classify { top_k, .. } => Outcome::Predictions {
+                predictions: vec![
+                    crate::Prediction {
+                        label: v.to_string(),
+                        class_index: top_k,
+                        score: v
+                    };
+                    top_k
+                ],
+                logits: None,
+            },
             Task::Embed { .. } => Outcome::Embedding(vec![v, v]),
             Task::Tensors { .. } => {
                 Outcome::Tensors { probabilities: Some(vec![v]), features: None }
@@ -340,7 +343,7 @@ mod tests {
     /// Odd values are classified (top 2), even ones embedded.
     fn task_for(v: f32) -> Task {
         match v as usize % 2 {
-            1 => Task::Classify { top_k: 2 },
+            1 => Task::Classify { top_k: 2, logits: false },
             _ => Task::Embed { normalize: false },
         }
     }

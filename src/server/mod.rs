@@ -6,6 +6,7 @@
 //! - [`api`]: the JSON types of the API and its OpenAPI document.
 //! - [`auth`]: optional API keys.
 //! - [`ui`]: the demo page.
+//! - [`docs`]: Swagger UI for the OpenAPI document.
 //! - [`v2`]: the Open Inference Protocol (KServe v2), over REST and gRPC.
 //! - [`inference`]: admission, preprocessing and the batcher: what every front door shares.
 //! - [`input`]: request bodies to encoded images.
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod auth;
 pub mod batcher;
+pub mod docs;
 pub mod error;
 pub mod inference;
 pub mod input;
@@ -48,11 +50,18 @@ use listener::ConnectionConfig;
 use memory::{MemoryPool, ProcessMemory, CONNECTION_BYTES};
 use metrics::Metrics;
 
+/// Open connections the metrics listener (`--metrics-port`) takes: a few scrapers.
+const METRICS_CONNECTIONS: usize = 16;
+/// How long a scrape in progress may take to finish once the server has drained.
+const SCRAPE_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Where the v2 gRPC service listens; `None`: off.
     pub grpc_addr: Option<SocketAddr>,
+    /// Where /metrics is served on a listener of its own; `None`: on the main port.
+    pub metrics_addr: Option<SocketAddr>,
     pub batch: BatchConfig,
     pub request_timeout: Duration,
     pub body: BodyLimits,
@@ -73,7 +82,7 @@ pub struct ServeConfig {
     pub api_keys: Option<ApiKeys>,
     /// Whether /metrics needs an API key too.
     pub protect_metrics: bool,
-    /// Whether the demo page is served at /ui/ (and / redirects there).
+    /// Whether the demo page is served at /ui/ (and / redirects there), and Swagger UI at /docs/.
     pub ui: bool,
     /// Where to write the bound address once the server accepts connections.
     pub address_file: Option<PathBuf>,
@@ -162,7 +171,9 @@ impl MemoryPlan {
         // gRPC has a cap of its own; an h2 connection holds about what an HTTP/1 one does (its
         // flow-control window of 64 KiB unread, header and write buffers).
         let listeners = 1 + config.grpc_addr.is_some() as u64;
-        let connections = listeners * config.connections.max_connections as u64 * CONNECTION_BYTES;
+        let scrapers = config.metrics_addr.map_or(0, |_| METRICS_CONNECTIONS) as u64;
+        let connections =
+            (listeners * config.connections.max_connections as u64 + scrapers) * CONNECTION_BYTES;
         let headers = config.http_threads as u64 * HEADER_READ_BYTES;
         let slack = budget / 16;
         let fixed = baseline + connections + headers + slack;
@@ -247,6 +258,15 @@ pub async fn serve(
         None => None,
     };
     let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let metrics_listener = match config.metrics_addr {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {at}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone())?;
     let state = Arc::new(AppState {
         answer_values: model.num_classes + model.feature_dim,
@@ -267,9 +287,26 @@ pub async fn serve(
         };
         tokio::spawn(v2::grpc::serve(state.clone(), listener, signal))
     });
-    tracing::info!(%addr, grpc = grpc_addr.map(|a| a.to_string()), "listening");
+    // Scrapes are answered until the end, the drain included.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = metrics_listener.map(|listener| {
+        let config =
+            ConnectionConfig { max_connections: METRICS_CONNECTIONS, ..state.config.connections };
+        let signal = async move {
+            let _ = metrics_stopped.await;
+        };
+        let router = routes::metrics_router(state.clone());
+        let metrics = metrics.clone();
+        tokio::spawn(listener::run(listener, router, config, metrics, signal, || {}, SCRAPE_GRACE))
+    });
+    tracing::info!(
+        %addr,
+        grpc = grpc_addr.map(|a| a.to_string()),
+        metrics = metrics_addr.map(|a| a.to_string()),
+        "listening"
+    );
     if let Some(path) = &state.config.address_file {
-        write_address(path, addr, grpc_addr)
+        write_address(path, addr, grpc_addr, metrics_addr)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
@@ -311,6 +348,10 @@ pub async fn serve(
     if stopped == Stopped::GraceExpired {
         tracing::warn!("grace period over with requests still open");
     }
+    if let Some(task) = metrics_server {
+        let _ = metrics_stop.send(());
+        let _ = task.await;
+    }
     // The last sender goes with the state: the worker finishes what is queued, then stops.
     drop(state);
     if stopped == Stopped::Drained {
@@ -320,13 +361,26 @@ pub async fn serve(
     Ok(stopped)
 }
 
-/// Writes `addr` and a newline (then the gRPC address and a newline, when gRPC is on) to
-/// `path` through a rename, so that a reader never sees a partial file: whoever waits for it
-/// (a supervisor, a test) can connect once it exists.
-fn write_address(path: &Path, addr: SocketAddr, grpc: Option<SocketAddr>) -> std::io::Result<()> {
+/// Writes the bound addresses to `path`, one per line: HTTP, then gRPC when gRPC is on (an
+/// empty line when it is off but metrics follow), then metrics when on their own port. Through
+/// a rename, so that a reader never sees a partial file: whoever waits for it (a supervisor, a
+/// test) can connect once it exists.
+fn write_address(
+    path: &Path,
+    addr: SocketAddr,
+    grpc: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> std::io::Result<()> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
-    let grpc = grpc.map(|a| format!("{a}\n")).unwrap_or_default();
-    std::fs::write(&partial, format!("{addr}\n{grpc}"))?;
+    let mut text = format!("{addr}\n");
+    if grpc.is_some() || metrics.is_some() {
+        text += &grpc.map(|a| a.to_string()).unwrap_or_default();
+        text += "\n";
+    }
+    if let Some(metrics) = metrics {
+        text += &format!("{metrics}\n");
+    }
+    std::fs::write(&partial, text)?;
     std::fs::rename(&partial, path)
 }

@@ -43,18 +43,16 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = api
         .route("/openapi.json", get(super::api::openapi))
         .layer(TraceLayer::new_for_http().make_span_with(request_span).on_response(on_response));
-    let mut metrics_route = Router::new().route("/metrics", get(metrics));
-    if state.config.protect_metrics {
-        metrics_route = metrics_route.layer(from_fn_with_state(state.clone(), require_api_key));
-    }
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(super::v2::rest::open_routes())
-        .merge(metrics_route)
         .merge(api);
+    if state.config.metrics_addr.is_none() {
+        router = router.merge(metrics_route(&state));
+    }
     if state.config.ui {
-        router = router.merge(super::ui::routes());
+        router = router.merge(super::ui::routes()).merge(super::docs::routes());
     }
     router
         .fallback(|| async { ApiError::NotFound })
@@ -67,6 +65,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
+        .with_state(state)
+}
+
+/// `/metrics`, behind an API key with `--protect-metrics`.
+fn metrics_route(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let route = Router::new().route("/metrics", get(metrics));
+    match state.config.protect_metrics {
+        true => route.layer(from_fn_with_state(state.clone(), require_api_key)),
+        false => route,
+    }
+}
+
+/// The metrics listener's router (`--metrics-port`): `/metrics` alone.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    metrics_route(&state)
+        .fallback(|| async { ApiError::NotFound })
+        .layer(from_fn_with_state(state.clone(), every_response))
         .with_state(state)
 }
 
@@ -102,14 +117,16 @@ pub async fn classify(
             })?
         }
     };
-    let mut inferred = infer(&state, &headers, body, "/classify", Task::Classify { top_k }).await?;
+    let logits = flag("logits", q.logits.as_deref())?;
+    let task = Task::Classify { top_k, logits };
+    let mut inferred = infer(&state, &headers, body, "/classify", task).await?;
     let results = std::mem::take(&mut inferred.outcomes)
         .into_iter()
         .zip(&inferred.filenames)
         .map(|(outcome, filename)| {
-            let predictions = outcome.predictions().ok_or_else(another_task)?;
+            let (predictions, logits) = outcome.classified().ok_or_else(another_task)?;
             let predictions = predictions.into_iter().map(Into::into).collect();
-            Ok(ClassifyResult { filename: filename.clone(), predictions })
+            Ok(ClassifyResult { filename: filename.clone(), predictions, logits })
         })
         .collect::<Result<_, ApiError>>()?;
     let body = ClassifyResponse { model: state.classifier.name().to_string(), results };
@@ -136,15 +153,7 @@ pub async fn embed(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let q = query(q)?;
-    let normalized = match q.normalize.as_deref() {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") => true,
-        Some(other) => {
-            return Err(ApiError::InvalidRequest(format!(
-                "normalize must be true or false, got `{other}`"
-            )))
-        }
-    };
+    let normalized = flag("normalize", q.normalize.as_deref())?;
     let mut inferred =
         infer(&state, &headers, body, "/embed", Task::Embed { normalize: normalized }).await?;
     let results = std::mem::take(&mut inferred.outcomes)
@@ -163,6 +172,17 @@ pub async fn embed(
         results,
     };
     Ok(with_timings(Json(body).into_response(), &inferred, started))
+}
+
+/// A true/false query parameter (also 1/0), false when absent.
+fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => {
+            Err(ApiError::InvalidRequest(format!("{name} must be true or false, got `{other}`")))
+        }
+    }
 }
 
 /// The JSON routes' inputs: image files in the body (see [`read_images`]).

@@ -32,10 +32,21 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
+    static_file(body.as_bytes(), content_type, CSP, "no-cache")
+}
+
+/// An embedded file with its content type, the Content-Security-Policy of the page it belongs
+/// to, and its caching.
+pub(super) fn static_file(
+    body: &'static [u8],
+    content_type: &'static str,
+    csp: &'static str,
+    cache: &'static str,
+) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     response
 }

@@ -13,6 +13,8 @@ pub struct Server {
     pub base: String,
     /// The gRPC address (host:port), when the server was started with `--grpc-port`.
     pub grpc: Option<String>,
+    /// The metrics listener's base URL, when started with `--metrics-port`.
+    pub metrics_base: Option<String>,
     pub logs: mpsc::Receiver<String>,
     /// The log lines up to and including `listening`.
     pub startup_logs: Vec<String>,
@@ -72,8 +74,9 @@ impl Server {
         }
         let mut lines = addr.lines();
         let base = format!("http://{}", lines.next().expect("the HTTP address"));
-        let grpc = lines.next().map(str::to_string);
-        let server = Server { child, base, grpc, logs, startup_logs, _dir: dir };
+        let grpc = lines.next().filter(|l| !l.is_empty()).map(str::to_string);
+        let metrics_base = lines.next().map(|l| format!("http://{l}"));
+        let server = Server { child, base, grpc, metrics_base, logs, startup_logs, _dir: dir };
         let client = reqwest::Client::new();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(server.url("/readyz")).send().await {
