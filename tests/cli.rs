@@ -247,6 +247,39 @@ fn engines_agree_and_random_init_serves_imagenet_labels() {
     assert!(!best["label"].as_str().unwrap().starts_with("class_"), "{random}");
 }
 
+/// `--engine auto` multiplies in bf16 exactly where that was measured faster: AMX tiles, or
+/// AVX512-BF16 on AMD; judged here from /proc/cpuinfo, not from the binary's own detection.
+#[test]
+fn the_auto_engine_picks_bf16_where_it_is_faster() {
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        eprintln!("skipped: no /proc/cpuinfo");
+        return;
+    };
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags").map(|f| f.trim_start_matches([' ', '\t', ':'])))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let amd = cpuinfo.contains("AuthenticAMD");
+    let (amx, bf16) = (
+        flags.contains(&"amx_bf16") && flags.contains(&"amx_tile"),
+        flags.contains(&"avx512_bf16") && flags.contains(&"avx512bw"),
+    );
+    let args = ["--variant", "t0", "--size", "32", "--batch", "1", "--threads", "1"];
+    let out = run(&[&["bench", "--engine", "auto", "--seconds", "0.1"][..], &args].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let header = text(&out.stderr);
+    let expected = if bf16 && amx {
+        "fast-bf16 engine (AMX bf16 tiles)"
+    } else if bf16 && amd {
+        "fast-bf16 engine (AVX512-BF16)"
+    } else {
+        "fast engine ("
+    };
+    assert!(header.contains(expected), "expected `{expected}`: {header}");
+}
+
 /// The bundled model is in the binary: classify works from a directory with no weights/ and
 /// answers exactly as the files in the checkout do.
 #[test]

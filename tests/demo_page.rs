@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{require_tool, run_to_end, Server};
+use common::{require_browser, run_to_end, Server};
 
 #[tokio::test]
 async fn the_page_is_served_with_a_strict_policy_and_can_be_turned_off() {
@@ -50,16 +50,7 @@ async fn the_page_is_served_with_a_strict_policy_and_can_be_turned_off() {
 /// is skipped with a message when they are missing.
 #[tokio::test]
 async fn the_page_works_in_a_real_browser() {
-    let selenium = std::process::Command::new("python3")
-        .args(["-c", "import selenium"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require_tool("chromedriver", "apt-get install chromium chromium-driver") || !selenium {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install selenium (pip install selenium)"
-        );
-        eprintln!("skipped: no selenium");
+    if !require_browser() {
         return;
     }
     let open = Server::start(&[]).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{require_tool, run_to_end, Server};
+use common::{require_browser, require_tool, run_to_end, Server};
 
 const ASSETS: [(&str, &str, usize); 3] = [
     // path, content type, at least this many bytes
@@ -133,16 +133,7 @@ fn the_vendored_files_match_their_checksums() {
 /// is skipped with a message when they are missing.
 #[tokio::test]
 async fn swagger_ui_works_in_a_real_browser() {
-    let selenium = std::process::Command::new("python3")
-        .args(["-c", "import selenium"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !require_tool("chromedriver", "apt-get install chromium chromium-driver") || !selenium {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install selenium (pip install selenium)"
-        );
-        eprintln!("skipped: no selenium");
+    if !require_browser() {
         return;
     }
     let open = Server::start(&[]).await;

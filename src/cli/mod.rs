@@ -71,7 +71,7 @@ pub struct ModelArgs {
     /// For benchmarks: random weights of this variant (1000 classes) instead of a checkpoint.
     #[arg(long, env = "FASTERNET_RANDOM_INIT", value_name = "VARIANT")]
     pub random_init: Option<Variant>,
-    /// Forward-pass implementation: fast (NHWC CPU kernels), fast-bf16 (the same with bf16 products; AVX512-BF16 CPUs, on AMX tiles where present) or reference (stock candle ops).
+    /// Forward-pass implementation: fast (NHWC CPU kernels), fast-bf16 (the same with bf16 products; AVX512-BF16 CPUs, on AMX tiles where present), auto (fast-bf16 where it is faster than fast: AMX, or AVX512-BF16 on AMD; fast elsewhere) or reference (stock candle ops).
     #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
     pub engine: Engine,
 }

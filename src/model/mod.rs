@@ -119,6 +119,18 @@ pub enum Engine {
     Reference,
 }
 
+impl Engine {
+    /// `auto`: bf16 products where they are faster than fp32 on this CPU (AMX tiles, or
+    /// AVX512-BF16 on AMD; [`fasternet_kernels::Kernels::bf16_is_faster`]), fp32 elsewhere.
+    pub fn auto() -> Self {
+        if fasternet_kernels::Kernels::bf16_is_faster() {
+            Self::FastBf16
+        } else {
+            Self::Fast
+        }
+    }
+}
+
 impl std::str::FromStr for Engine {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -126,9 +138,10 @@ impl std::str::FromStr for Engine {
             "fast" => Ok(Self::Fast),
             "fast-bf16" => Ok(Self::FastBf16),
             "reference" => Ok(Self::Reference),
-            other => {
-                Err(format!("unknown engine `{other}` (expected fast, fast-bf16 or reference)"))
-            }
+            "auto" => Ok(Self::auto()),
+            other => Err(format!(
+                "unknown engine `{other}` (expected fast, fast-bf16, auto or reference)"
+            )),
         }
     }
 }

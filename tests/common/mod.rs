@@ -286,3 +286,19 @@ pub async fn tritonclient_model_infer(s: &Server, traceparent: Option<&str>) -> 
     assert!(status.success(), "tritonclient's ModelInfer failed:\n{report}");
     true
 }
+
+/// Whether Chromium can be driven (chromedriver, and selenium for `python3`): in CI their
+/// absence fails the test; elsewhere it is skipped with a message.
+pub fn require_browser() -> bool {
+    let selenium =
+        Command::new("python3").args(["-c", "import selenium"]).status().is_ok_and(|s| s.success());
+    if !require_tool("chromedriver", "apt-get install chromium chromium-driver") || !selenium {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install selenium (pip install selenium)"
+        );
+        eprintln!("skipped: no selenium");
+        return false;
+    }
+    true
+}

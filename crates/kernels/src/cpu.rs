@@ -57,6 +57,18 @@ impl Kernels {
         None
     }
 
+    /// Whether the bf16 kernels outrun the fp32 ones on this CPU, as measured
+    /// (docs/performance.md): on AMX tiles 1.7-3.6x on an Intel Xeon; on AVX512-BF16
+    /// instructions 1.4-1.8x on AMD Zen 5, but 0.61-0.79x on that Xeon, whose `vdpbf16ps`
+    /// issues at half its FMA rate.
+    pub fn bf16_is_faster() -> bool {
+        match Self::detect_bf16().map(Self::isa) {
+            Some(Isa::Amx) => true,
+            Some(Isa::Avx512Bf16) => vendor_is_amd(),
+            _ => false,
+        }
+    }
+
     /// Plain code that runs anywhere: the reference the others are tested against.
     pub fn portable() -> Self {
         Self(Isa::Portable)
@@ -104,4 +116,16 @@ impl Kernels {
             Isa::Portable => "portable (gemm crate)",
         }
     }
+}
+
+/// Whether CPUID names AMD as the vendor.
+fn vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        // "AuthenticAMD", in EBX, EDX, ECX order.
+        [id.ebx, id.edx, id.ecx] == [0x6874_7541, 0x6974_6E65, 0x444D_4163]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
