@@ -242,6 +242,22 @@ def cpu_busy(interval=1.0):
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
+def layer_role(node):
+    """The layer role of an ONNX node name, for the profilers (tools/ort_profile.py and
+    tools/ov_profile.py; OpenVINO keeps the name of the first node of a fused group)."""
+    if "spatial_mixing" in node:
+        return "partial conv"
+    # timm's mlp is (conv, BN, act, conv): the export folds the BN, ORT fuses the activation
+    # into the first conv (its output is then named after mlp.2) and the residual into mlp.3.
+    if "mlp.0" in node or "mlp.1" in node or "mlp.2" in node:
+        return "fc1 + act"
+    if "mlp.3" in node:
+        return "fc2 + add"
+    if "downsample" in node:
+        return "merge"
+    return "other"  # layout reorders within a stage
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:

@@ -20,21 +20,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from bench import onnx_path, ort_session_options
-
-
-def role(node):
-    if "spatial_mixing" in node:
-        return "partial conv"
-    # timm's mlp is (conv, BN, act, conv): the export folds the BN, ORT fuses the activation
-    # into the first conv (its output is then named after mlp.2) and the residual into mlp.3.
-    if "mlp.0" in node or "mlp.1" in node or "mlp.2" in node:
-        return "fc1 + act"
-    if "mlp.3" in node:
-        return "fc2 + add"
-    if "downsample" in node:
-        return "merge"
-    return "other"  # layout reorders within a stage
+from bench import layer_role as role, onnx_path, ort_session_options
 
 
 def main():

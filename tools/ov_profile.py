@@ -23,22 +23,7 @@ import time
 import numpy as np
 import openvino as ov
 
-from bench import onnx_path, ov_bf16_supported, ov_compiled_model
-
-
-def role(node):
-    """The layer role of an ONNX node name, as tools/ort_profile.py assigns it; OpenVINO keeps
-    the name of the first node of a fused group (mlp.0's conv carries the GELU, mlp.3's the
-    residual Add)."""
-    if "spatial_mixing" in node:
-        return "partial conv"
-    if "mlp.0" in node or "mlp.1" in node or "mlp.2" in node:
-        return "fc1 + act"
-    if "mlp.3" in node:
-        return "fc2 + add"
-    if "downsample" in node:
-        return "merge"
-    return "other"
+from bench import layer_role as role, onnx_path, ov_bf16_supported, ov_compiled_model
 
 
 def key(info, by):

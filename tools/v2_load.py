@@ -33,6 +33,8 @@ import urllib.request
 
 import numpy as np
 
+from bench import cpu_model  # this directory's, beside this script
+
 
 def classify_door(args, image):
     host, port = args.http.split(":")
@@ -79,14 +81,6 @@ def run(make_call, clients, seconds):
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else float("nan")
     return len(latencies) / seconds, pick(0.5), pick(0.99), errors[0]
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def chart(source, out):
