@@ -151,6 +151,60 @@ fn bench_prints_one_line_per_batch_size() {
     }
 }
 
+/// `bench --profile`: after each batch size, one line per layer group in network order whose
+/// times add up to no more than the pass (they are parts of it: whole images per thread at
+/// batch 2, tiles shared by both threads at batch 1) and to most of it; the reference engine
+/// keeps no profile and says so.
+#[test]
+fn bench_profile_splits_each_pass_into_its_layer_groups() {
+    let args = ["bench", "--variant", "t0", "--size", "64x96", "--batch", "1,2", "--threads", "2"];
+    let out = run(&[&args[..], &["--seconds", "0.3", "--profile"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let groups = [
+        "stem",
+        "stage 1 blocks",
+        "stage 2 merge",
+        "stage 2 blocks",
+        "stage 3 merge",
+        "stage 3 blocks",
+        "stage 4 merge",
+        "stage 4 blocks",
+        "head (pool, 1x1 conv, classifier)",
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2 * (1 + groups.len()), "{stdout}");
+    for (section, batch) in lines.chunks(1 + groups.len()).zip([1, 2]) {
+        let pass_ms: f64 = section[0]
+            .strip_prefix(&format!("t0 64x96 batch {batch}: "))
+            .and_then(|rest| rest.split_once(" img/s (")?.1.strip_suffix(" ms/batch)"))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .parse()
+            .unwrap();
+        let mut sum = 0.0;
+        for (line, group) in section[1..].iter().zip(groups) {
+            let ms: f64 = line
+                .trim_start()
+                .strip_prefix(group)
+                .and_then(|rest| rest.trim_start().split_once(" ms/batch"))
+                .unwrap_or_else(|| panic!("`{group}` expected: {stdout}"))
+                .0
+                .parse()
+                .unwrap();
+            assert!(ms > 0.0, "{stdout}");
+            sum += ms;
+        }
+        assert!(
+            sum <= pass_ms * 1.01 + 0.002 && sum >= 0.3 * pass_ms,
+            "batch {batch}: layer groups add up to {sum} of {pass_ms} ms: {stdout}"
+        );
+    }
+    let out =
+        run(&[&args[..], &["--seconds", "0.1", "--profile", "--engine", "reference"]].concat());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--profile needs a fast engine"), "{}", text(&out.stderr));
+}
+
 /// On a terminal (a pseudo-terminal from util-linux's `script`), `eval` and `bench` draw a
 /// progress bar on stderr; piped, they do not (above and in bundled_accuracy.rs).
 #[test]

@@ -258,6 +258,12 @@ def layer_role(node):
     return "other"  # layout reorders within a stage
 
 
+def stage_and_role(node):
+    """("stage N", layer role) of an ONNX node name; "-" for the stem and the head."""
+    stage = re.search(r"stages\.(\d+)", node)
+    return (f"stage {int(stage.group(1)) + 1}" if stage else "-", layer_role(node))
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:

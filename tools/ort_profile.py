@@ -13,14 +13,13 @@ import argparse
 import collections
 import json
 import os
-import re
 import tempfile
 import time
 
 import numpy as np
 import onnxruntime as ort
 
-from bench import layer_role as role, onnx_path, ort_session_options
+from bench import onnx_path, ort_session_options, stage_and_role
 
 
 def main():
@@ -57,8 +56,7 @@ def main():
     runs = max(calls.values())
     parts = collections.defaultdict(float)
     for node, ms in per_node.items():
-        stage = re.search(r"stages\.(\d+)", node)
-        parts[(f"stage {int(stage.group(1)) + 1}" if stage else "-", role(node))] += ms / runs
+        parts[stage_and_role(node)] += ms / runs
     print(f"{a.variant} batch {a.batch}, {a.threads} thread(s): {wall * 1e3:.1f} ms per batch "
           f"({a.batch / wall:.1f} img/s, profiling on; {runs} profiled runs incl. warm-up)")
     for (stage, r), ms in sorted(parts.items()):

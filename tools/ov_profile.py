@@ -17,13 +17,12 @@ graph).
 import argparse
 import collections
 import os
-import re
 import time
 
 import numpy as np
 import openvino as ov
 
-from bench import layer_role as role, onnx_path, ov_bf16_supported, ov_compiled_model
+from bench import onnx_path, ov_bf16_supported, ov_compiled_model, stage_and_role
 
 
 def key(info, by):
@@ -31,8 +30,8 @@ def key(info, by):
         return info.node_type
     if by == "exec_type":
         return f"{info.node_type} {info.exec_type}"
-    stage = re.search(r"stages\.(\d+)", info.node_name)
-    return f"{'stage ' + str(int(stage.group(1)) + 1) if stage else '-':8s} {role(info.node_name)}"
+    stage, role = stage_and_role(info.node_name)
+    return f"{stage:8s} {role}"
 
 
 def main():

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// With `--images`: how JPEGs are decoded (fast or exact).
     #[arg(long, env = "FASTERNET_DECODE", default_value = "fast")]
     decode: DecodeMode,
+    /// Also print the wall time per layer group (stem, each stage's merge and blocks, head)
+    /// of each batch size (fast engines), to compare with tools/ov_profile.py --by stage.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
@@ -58,6 +62,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         model.kernels(),
         config.macs(h, w) as f64 / 1e9
     );
+    let profile = match (args.profile, model.profile()) {
+        (false, _) => None,
+        (true, Some(profile)) => Some(profile),
+        (true, None) => {
+            bail!("--profile needs a fast engine (the {} engine keeps no profile)", args.engine)
+        }
+    };
     let bar = progress(args.batch.len(), "batch sizes");
     for &batch in &args.batch {
         if batch == 0 {
@@ -72,6 +83,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
             model.forward(&x)?;
             passes += 1;
         }
+        profile.inspect(|p| p.start());
         let start = Instant::now();
         let mut passes = 0u32;
         while passes < 1 || start.elapsed().as_secs_f64() < args.seconds {
@@ -85,7 +97,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
                 args.variant,
                 batch as f64 / per_batch,
                 per_batch * 1e3
-            )
+            );
+            for (layer, ms) in profile.map(|p| p.per_pass(passes)).unwrap_or_default() {
+                println!(
+                    "  {layer:36} {ms:7.3} ms/batch ({:4.1}%)",
+                    100.0 * ms / (per_batch * 1e3)
+                );
+            }
         });
         bar.inc(1);
     }

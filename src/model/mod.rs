@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 mod fast;
+pub use fast::LayerProfile;
 pub mod hub_config;
 mod reference;
 pub mod weights;
@@ -167,6 +168,11 @@ trait Forward: Send + Sync {
 
     /// The CPU kernels behind it, for logs and benchmark headers.
     fn kernels(&self) -> &'static str;
+
+    /// Its wall time per layer group, where it keeps one.
+    fn profile(&self) -> Option<&LayerProfile> {
+        None
+    }
 }
 
 impl Forward for fast::FastEngine {
@@ -181,6 +187,10 @@ impl Forward for fast::FastEngine {
 
     fn kernels(&self) -> &'static str {
         fast::FastEngine::kernels(self)
+    }
+
+    fn profile(&self) -> Option<&LayerProfile> {
+        Some(fast::FastEngine::profile(self))
     }
 }
 
@@ -225,6 +235,11 @@ impl FasterNet {
 
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// The engine's wall time per layer group (the fast engines keep one; `bench --profile`).
+    pub fn profile(&self) -> Option<&LayerProfile> {
+        self.forward.profile()
     }
 
     /// Loads a checkpoint with the given engine; `config` overrides what the tensor shapes say,

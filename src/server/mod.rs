@@ -201,6 +201,21 @@ impl MemoryPlan {
     }
 }
 
+/// Listens on `addr`; `what` names the listener in the error (`"for gRPC "`).
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen {what}on {addr}"))
+}
+
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => bind(addr, what).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Checks the configuration against the model and the memory budget, warms the model up,
 /// binds, then serves until `shutdown` resolves and drains: readiness turns 503, the listener
 /// closes, open requests finish (up to the grace period) and the worker empties its queue.
@@ -245,27 +260,11 @@ pub async fn serve(
         .set(1);
     metrics.memory_budget.set(plan.budget as i64);
     metrics.memory_pool.set(plan.requests as i64);
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    let listener = bind(config.addr, "").await?;
     let addr = listener.local_addr()?;
-    let grpc_listener = match config.grpc_addr {
-        Some(grpc) => Some(
-            TcpListener::bind(grpc)
-                .await
-                .with_context(|| format!("cannot listen for gRPC on {grpc}"))?,
-        ),
-        None => None,
-    };
+    let grpc_listener = bind_optional(config.grpc_addr, "for gRPC ").await?;
     let grpc_addr = grpc_listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let metrics_listener = match config.metrics_addr {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {at}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = bind_optional(config.metrics_addr, "for metrics ").await?;
     let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let (batcher, worker) = Batcher::start(classifier.clone(), config.batch, metrics.clone())?;
     let state = Arc::new(AppState {

@@ -9,21 +9,16 @@ first failed check.
 import argparse
 import json
 import os
-import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-WAIT_SECONDS = 30
+from common import WAIT_SECONDS, browser, check
 
 
 def api_classify(base, path, k, key=None):
@@ -40,22 +35,6 @@ def api_classify(base, path, k, key=None):
             return response.status, [p["label"] for p in doc["results"][0]["predictions"]]
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)["error"]["message"]
-
-
-def browser():
-    options = Options()
-    for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900"]:
-        options.add_argument(argument)
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary:
-        options.binary_location = binary
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
-
-def check(condition, message):
-    if not condition:
-        sys.exit(f"FAILED: {message}")
-    print(f"ok: {message}")
 
 
 def results_done(driver, count):
@@ -88,7 +67,7 @@ def main():
     parser.add_argument("images", nargs="+")
     args = parser.parse_args()
     k = 3
-    driver = browser()
+    driver = browser(1100, 900)
     wait = WebDriverWait(driver, WAIT_SECONDS)
     try:
         driver.get(args.url + "/")

@@ -8,38 +8,17 @@ first failed check.
 """
 import argparse
 import json
-import shutil
 import sys
 import traceback
 import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-WAIT_SECONDS = 30
+from common import WAIT_SECONDS, browser, check
+
 METHODS = ["get", "put", "post", "delete", "options", "head", "patch", "trace"]
-
-
-def browser():
-    options = Options()
-    for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"]:
-        options.add_argument(argument)
-    # The console, to see Content-Security-Policy violations.
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary:
-        options.binary_location = binary
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
-
-def check(condition, message):
-    if not condition:
-        sys.exit(f"FAILED: {message}")
-    print(f"ok: {message}", flush=True)
 
 
 def operations(base):
@@ -97,7 +76,7 @@ def main():
     parser.add_argument("--keyed-url", required=True, help="a server started with --api-key")
     parser.add_argument("--screenshot", required=True)
     args = parser.parse_args()
-    driver = browser()
+    driver = browser(console=True)
     wait = WebDriverWait(driver, WAIT_SECONDS)
     try:
         driver.get(args.url + "/docs")

@@ -6,6 +6,7 @@ use fasternet_kernels::{grow, matmul, Activation, Epilogue, Segment};
 
 use super::direct_conv::partial_conv_direct;
 use super::pack::{Block, Dense};
+use super::profile::Layer;
 use super::schedule::{for_each_tile, tiles, Out, SCRATCH};
 use super::FastEngine;
 
@@ -27,27 +28,32 @@ impl FastEngine {
         let (mut h, mut w) = (in_h / 4, in_w / 4);
         let mut rows = batch * h * w;
         let stem = &self.stem;
-        self.strided_conv(
-            grow(&mut a, rows * stem.w.n),
-            batch * h,
-            w,
-            stem,
-            threads,
-            |row, list| {
-                let (b, i) = (row / h, row % h);
-                for ch in 0..c {
-                    for di in 0..4 {
-                        list.push(Segment {
-                            ptr: input[b][(ch * in_h + 4 * i + di) * in_w..].as_ptr(),
-                            stride: 4,
-                            k: 4,
-                        });
+        // Running whole images of its own, this thread is one of the pool's threads at work.
+        let concurrent = if threads == 1 { rayon::current_num_threads() } else { 1 };
+        let profile = &self.profile;
+        profile.time(Layer::Stem, concurrent, || {
+            self.strided_conv(
+                grow(&mut a, rows * stem.w.n),
+                batch * h,
+                w,
+                stem,
+                threads,
+                |row, list| {
+                    let (b, i) = (row / h, row % h);
+                    for ch in 0..c {
+                        for di in 0..4 {
+                            list.push(Segment {
+                                ptr: input[b][(ch * in_h + 4 * i + di) * in_w..].as_ptr(),
+                                stride: 4,
+                                k: 4,
+                            });
+                        }
                     }
-                }
-            },
-        );
+                },
+            )
+        });
         let (mut cur, mut next) = (&mut a, &mut b);
-        for stage in &self.stages {
+        for (index, stage) in self.stages.iter().enumerate() {
             if let Some(m) = &stage.merge {
                 // 2x2 stride-2 patches of the NHWC map: one segment (two pixels) per patch row.
                 let cin = m.w.k / 4;
@@ -56,31 +62,44 @@ impl FastEngine {
                 h /= 2;
                 w /= 2;
                 rows = batch * h * w;
-                self.strided_conv(
-                    grow(next, rows * m.w.n),
-                    batch * h,
-                    w,
-                    m,
-                    threads,
-                    |row, list| {
-                        let (b, i) = (row / h, row % h);
-                        for di in 0..2 {
-                            list.push(Segment {
-                                ptr: src[((b * ih + 2 * i + di) * iw) * cin..].as_ptr(),
-                                stride: 2 * cin,
-                                k: 2 * cin,
-                            });
-                        }
-                    },
-                );
+                profile.time(Layer::Merge(index), concurrent, || {
+                    self.strided_conv(
+                        grow(next, rows * m.w.n),
+                        batch * h,
+                        w,
+                        m,
+                        threads,
+                        |row, list| {
+                            let (b, i) = (row / h, row % h);
+                            for di in 0..2 {
+                                list.push(Segment {
+                                    ptr: src[((b * ih + 2 * i + di) * iw) * cin..].as_ptr(),
+                                    stride: 2 * cin,
+                                    k: 2 * cin,
+                                });
+                            }
+                        },
+                    )
+                });
                 std::mem::swap(&mut cur, &mut next);
             }
-            for blk in &stage.blocks {
-                self.block(blk, &cur[..rows * blk.dim], grow(next, rows * blk.dim), h, w, threads);
-                std::mem::swap(&mut cur, &mut next);
-            }
+            profile.time(Layer::Blocks(index), concurrent, || {
+                for blk in &stage.blocks {
+                    self.block(
+                        blk,
+                        &cur[..rows * blk.dim],
+                        grow(next, rows * blk.dim),
+                        h,
+                        w,
+                        threads,
+                    );
+                    std::mem::swap(&mut cur, &mut next);
+                }
+            });
         }
-        self.head(&cur[..rows * self.head.w.k], batch, h * w, features, logits);
+        profile.time(Layer::Head, concurrent, || {
+            self.head(&cur[..rows * self.head.w.k], batch, h * w, features, logits)
+        });
         self.buffers.lock().unwrap_or_else(|e| e.into_inner()).push([a, b]);
     }
 

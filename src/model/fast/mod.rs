@@ -28,6 +28,7 @@
 mod direct_conv;
 mod graph;
 mod pack;
+mod profile;
 mod schedule;
 
 use std::sync::Mutex;
@@ -40,6 +41,7 @@ use fasternet_kernels::{Activation, Kernels};
 use super::weights::FasterNetWeights;
 use super::{ModelError, ModelOutput};
 use pack::{Dense, Stage};
+pub use profile::LayerProfile;
 
 impl From<super::Activation> for Activation {
     fn from(act: super::Activation) -> Self {
@@ -61,6 +63,7 @@ pub struct FastEngine {
     classifier: Dense,
     /// Ping-pong activation buffers, one pair per concurrent pass, kept between calls.
     buffers: Mutex<Vec<[Vec<f32>; 2]>>,
+    profile: LayerProfile,
 }
 
 impl FastEngine {
@@ -81,6 +84,11 @@ impl FastEngine {
     /// Which kernels run the network body's products, e.g. "AMX bf16 tiles".
     pub fn kernels(&self) -> &'static str {
         self.kernels.name()
+    }
+
+    /// Wall time per layer group, once started.
+    pub fn profile(&self) -> &LayerProfile {
+        &self.profile
     }
 
     /// `images`: each (3, H, W) f32 of one shape, already checked by the caller. Read where they

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{Isa, Kernels, Weights};
 
-use super::FastEngine;
+use super::{FastEngine, LayerProfile};
 use crate::model::weights::{BlockWeights, FasterNetWeights, FoldedConv};
 use crate::model::ModelError;
 
@@ -108,6 +108,7 @@ impl FastEngine {
                 bias: to_vec(&w.classifier_bias)?,
             },
             buffers: Mutex::new(Vec::new()),
+            profile: LayerProfile::default(),
         })
     }
 }
