@@ -11,17 +11,19 @@
 //!   that and the untouched channels as two segments, with bias + activation as its
 //!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
 //! - With at least as many images as threads, each thread runs whole images on its own;
-//!   otherwise tiles run on rayon's pool. Either way there is one level of parallelism and
-//!   each product is single-threaded.
+//!   otherwise tiles run on rayon's pool, driven from one of its threads so that no thread
+//!   sleeps between layers. Either way there is one level of parallelism and each product is
+//!   single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
 //!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32.
 //!
 //! Where things are: `pack.rs` lays the folded weights out for the kernels, `schedule.rs`
 //! splits the work into tiles and threads, `graph.rs` is the network as a sequence of those
-//! products, `direct_conv.rs` the partial convolution without Winograd. The kernels
-//! themselves, the CPU detection they dispatch on and the blocking constants are the
-//! `fasternet-kernels` crate (`crates/kernels`).
+//! products, `direct_conv.rs` the partial convolution without Winograd, `profile.rs` the time
+//! per layer group that `bench --profile` prints. The kernels themselves, the CPU detection
+//! they dispatch on and the blocking constants are the `fasternet-kernels` crate
+//! (`crates/kernels`).
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
