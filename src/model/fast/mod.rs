@@ -11,9 +11,8 @@
 //!   that and the untouched channels as two segments, with bias + activation as its
 //!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
 //! - With at least as many images as threads, each thread runs whole images on its own;
-//!   otherwise tiles run on rayon's pool, driven from one of its threads so that no thread
-//!   sleeps between layers. Either way there is one level of parallelism and each product is
-//!   single-threaded.
+//!   otherwise tiles run on rayon's pool. Either way there is one level of parallelism and
+//!   each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
 //!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32.

@@ -99,24 +99,13 @@ impl FastEngine {
                 });
         }
         if own < batch {
-            // Shared tiles mean one parallel region per layer. Run from one of rayon's workers
-            // (a scope's body runs on the pool), the calling thread computes a share of each
-            // region and the other workers are still awake for the next; from outside the
-            // pool, every region would put the caller to sleep until the workers finish.
-            let mut shared = || {
-                self.forward_images(
-                    &images[own..],
-                    (c, in_h, in_w),
-                    threads,
-                    features_shared,
-                    logits_shared,
-                )
-            };
-            if threads > 1 {
-                rayon::scope(|_| shared());
-            } else {
-                shared();
-            }
+            self.forward_images(
+                &images[own..],
+                (c, in_h, in_w),
+                threads,
+                features_shared,
+                logits_shared,
+            );
         }
         Ok(ModelOutput {
             logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
