@@ -5,14 +5,15 @@
 //! around them is AVX-512.
 //!
 //! A product converts its left operand once into a bf16 staging buffer whose rows are padded
-//! to whole 32-value k steps with zeros, then runs blocks of 32 x 32 outputs (four
+//! to whole 32-value k steps with zeros (or, already in bf16 and of such a k, reads it in
+//! place: `matmul_bf16`), then runs blocks of 32 x 32 outputs (four
 //! accumulator tiles, two activation tiles, two weight tiles: all eight tile registers), each
 //! block's accumulators stored to a small buffer and finished by the usual epilogue.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use crate::gemm::{avx512, Epilogue, Segment, Weights};
+use crate::gemm::{avx512, Dst, Epilogue, Segment, SegmentBf16, Weights};
 
 /// Values of k per tile step (a tile row is 64 bytes of bf16) and rows or columns per tile.
 const K_STEP: usize = 32;
@@ -95,66 +96,163 @@ pub unsafe fn matmul(
     a: &[Segment],
     w: &Weights,
     data: &[u16],
-    dst: *mut f32,
+    dst: Dst,
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
     // SAFETY: reached only through `TilesAmx` weights, packed when `Kernels::detect_bf16` found AMX
     // granted to this process; the pointers are as `gemm::matmul`'s contract requires.
     unsafe {
-        let (k, n) = (w.k, w.n);
-        let kp = k.next_multiple_of(K_STEP);
-        let row_blocks = m.div_ceil(TILE);
+        let kp = w.k.next_multiple_of(K_STEP);
         // Rows past m (up to the next 16) are multiplied but never stored: any values do.
-        avx512::with_bf16_rows(m, row_blocks * TILE, a, kp, |left| {
-            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-            let mut sums = [0f32; 4 * TILE * TILE];
-            let col_blocks = n.div_ceil(TILE);
-            for jb in (0..col_blocks).step_by(2) {
-                let two_cols = jb + 1 < col_blocks;
-                let panel = data.as_ptr().add(jb * (kp / K_STEP) * WEIGHT_TILE);
-                for ib in (0..row_blocks).step_by(2) {
-                    let two_rows = ib + 1 < row_blocks;
-                    let x = left.add(ib * TILE * kp);
-                    match (two_rows, two_cols) {
-                        (true, true) => block::<true, true>(x, kp, panel, sums.as_mut_ptr()),
-                        (true, false) => block::<true, false>(x, kp, panel, sums.as_mut_ptr()),
-                        (false, true) => block::<false, true>(x, kp, panel, sums.as_mut_ptr()),
-                        (false, false) => block::<false, false>(x, kp, panel, sums.as_mut_ptr()),
-                    }
-                    let (r0, j0) = (ib * TILE, jb * TILE);
-                    for r in r0..m.min(r0 + 2 * TILE) {
-                        for j in (j0..n.min(j0 + 2 * TILE)).step_by(TILE) {
-                            let valid = (n - j).min(TILE);
-                            let mask: __mmask16 =
-                                if valid == TILE { 0xffff } else { (1 << valid) - 1 };
-                            let sum =
-                                _mm512_loadu_ps(sums.as_ptr().add((r - r0) * 2 * TILE + j - j0));
-                            avx512::finish(sum, mask, r, j, dst, dst_rs, epilogue);
-                        }
-                    }
-                }
-            }
-            asm!("tilerelease", options(nostack, nomem));
+        avx512::with_bf16_rows(m, m.next_multiple_of(TILE), a, kp, avx512::to_bf16, |left| {
+            run(m, &Left::staged(left, m, kp), w, data, dst, dst_rs, epilogue)
         });
     }
 }
 
-/// One block of up to 32 x 32 outputs: rows of `x` (bf16, row stride kp) times weight tiles
-/// `w` (the block's second 16 columns follow the first's kp / 32 tiles) into `sums` (32 x 32
-/// fp32, row-major). Tiles 0-3 accumulate, 4-5 hold activations, 6-7 weights.
+/// As `matmul`, on a left operand already in bf16: one segment of the whole k, a multiple of 32
+/// (fc2 on fc1's bf16 output), is read in place, all but its last partial 16 rows, which are
+/// copied into 16 rows of their own; other segments are copied into staging rows.
+///
+/// # Safety
+/// `available()` must be true; otherwise as `gemm::matmul_bf16`.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+pub unsafe fn matmul_bf16(
+    m: usize,
+    a: &[SegmentBf16],
+    w: &Weights,
+    data: &[u16],
+    dst: Dst,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
+    thread_local! {
+        /// The last, partial 16 rows of an operand read in place.
+        static TAIL: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // SAFETY: as `matmul`; the in-place segment covers m rows of kp values.
+    unsafe {
+        let kp = w.k.next_multiple_of(K_STEP);
+        match a {
+            [s] if !s.ptr.is_null() && s.k == kp => TAIL.with_borrow_mut(|tail| {
+                tail.resize(tail.len().max(TILE * kp), 0);
+                let in_place = m / TILE;
+                for r in in_place * TILE..m {
+                    let row = s.ptr.add(r * s.stride);
+                    std::ptr::copy_nonoverlapping(row, tail.as_mut_ptr().add((r % TILE) * kp), kp);
+                }
+                let left = Left { rows: s.ptr, stride: s.stride, in_place, tail: tail.as_ptr() };
+                run(m, &left, w, data, dst, dst_rs, epilogue)
+            }),
+            _ => avx512::with_bf16_rows(
+                m,
+                m.next_multiple_of(TILE),
+                a,
+                kp,
+                avx512::copy_bf16,
+                |left| run(m, &Left::staged(left, m, kp), w, data, dst, dst_rs, epilogue),
+            ),
+        }
+    }
+}
+
+/// A left operand in bf16 rows, by tiles of 16: tiles `0..in_place` at `rows` (row stride
+/// `stride` values), the one after them at `tail` (row stride kp).
+struct Left {
+    rows: *const u16,
+    stride: usize,
+    in_place: usize,
+    tail: *const u16,
+}
+
+impl Left {
+    /// m rows of kp values at `rows`, padded to whole tiles.
+    fn staged(rows: *const u16, m: usize, kp: usize) -> Self {
+        Self { rows, stride: kp, in_place: m.div_ceil(TILE), tail: rows }
+    }
+
+    /// Row tile `i`: its first row and its row stride in bytes (`tileloadd`'s).
+    ///
+    /// # Safety
+    /// `i` is one of the operand's row tiles.
+    unsafe fn tile(&self, i: usize, kp: usize) -> (*const u16, usize) {
+        // SAFETY: the caller's tile index is inside the operand.
+        unsafe {
+            if i < self.in_place {
+                (self.rows.add(i * TILE * self.stride), 2 * self.stride)
+            } else {
+                (self.tail, 2 * kp)
+            }
+        }
+    }
+}
+
+/// The product on a left operand in bf16 rows: blocks of 32 x 32 outputs, each block's accumulators
+/// stored to a small buffer and finished by the usual epilogue.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn run(
+    m: usize,
+    left: &Left,
+    w: &Weights,
+    data: &[u16],
+    dst: Dst,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
+    // SAFETY: `matmul` and `matmul_bf16` hand a left operand of every row tile of m rows, the
+    // weights' tiles and a destination of m x w.n.
+    unsafe {
+        let (k, n) = (w.k, w.n);
+        let kp = k.next_multiple_of(K_STEP);
+        let row_blocks = m.div_ceil(TILE);
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+        let mut sums = [0f32; 4 * TILE * TILE];
+        let col_blocks = n.div_ceil(TILE);
+        for jb in (0..col_blocks).step_by(2) {
+            let two_cols = jb + 1 < col_blocks;
+            let panel = data.as_ptr().add(jb * (kp / K_STEP) * WEIGHT_TILE);
+            for ib in (0..row_blocks).step_by(2) {
+                let two_rows = ib + 1 < row_blocks;
+                let x = [
+                    left.tile(ib, kp),
+                    if two_rows { left.tile(ib + 1, kp) } else { (std::ptr::null(), 0) },
+                ];
+                match (two_rows, two_cols) {
+                    (true, true) => block::<true, true>(x, kp, panel, sums.as_mut_ptr()),
+                    (true, false) => block::<true, false>(x, kp, panel, sums.as_mut_ptr()),
+                    (false, true) => block::<false, true>(x, kp, panel, sums.as_mut_ptr()),
+                    (false, false) => block::<false, false>(x, kp, panel, sums.as_mut_ptr()),
+                }
+                let (r0, j0) = (ib * TILE, jb * TILE);
+                for r in r0..m.min(r0 + 2 * TILE) {
+                    for j in (j0..n.min(j0 + 2 * TILE)).step_by(TILE) {
+                        let valid = (n - j).min(TILE);
+                        let mask: __mmask16 = if valid == TILE { 0xffff } else { (1 << valid) - 1 };
+                        let sum = _mm512_loadu_ps(sums.as_ptr().add((r - r0) * 2 * TILE + j - j0));
+                        avx512::finish(sum, mask, r, j, dst, dst_rs, epilogue);
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// One block of up to 32 x 32 outputs: two row tiles of `x` (bf16; each its first row and row
+/// stride in bytes) times weight tiles `w` (the block's second 16 columns follow the first's
+/// kp / 32 tiles) into `sums` (32 x 32 fp32, row-major). Tiles 0-3 accumulate, 4-5 hold
+/// activations, 6-7 weights.
 #[inline]
 unsafe fn block<const TWO_ROWS: bool, const TWO_COLS: bool>(
-    x: *const u16,
+    [(x, x_stride), (second_rows, second_stride)]: [(*const u16, usize); 2],
     kp: usize,
     w: *const u16,
     sums: *mut f32,
 ) {
-    // SAFETY: `matmul` passes staged rows and weight tiles of kp columns that cover the block and a
+    // SAFETY: `run` passes row tiles and weight tiles of kp columns that cover the block and a
     // 32 x 32 `sums`, with the tile registers configured.
     unsafe {
-        let x_stride = 2 * kp;
-        let second_rows = x.add(TILE * kp);
         let second_cols = w.add(kp / K_STEP * WEIGHT_TILE);
         asm!(
             "tilezero tmm0",
@@ -173,7 +271,7 @@ unsafe fn block<const TWO_ROWS: bool, const TWO_COLS: bool>(
                 asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem));
             }
             if TWO_ROWS {
-                asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) second_rows.add(xo), s = in(reg) x_stride, options(nostack, readonly));
+                asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) second_rows.add(xo), s = in(reg) second_stride, options(nostack, readonly));
                 asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem));
                 if TWO_COLS {
                     asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));

@@ -38,6 +38,29 @@ impl<T> Segment<T> {
 /// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
 pub type SegmentBf16 = Segment<u16>;
 
+/// Where a product's results go: fp32 rows, or bf16 rows (`matmul_to_bf16`).
+#[derive(Clone, Copy)]
+pub(crate) enum Dst {
+    F32(*mut f32),
+    Bf16(*mut u16),
+}
+
+impl Dst {
+    /// The same destination `offset` values on.
+    ///
+    /// # Safety
+    /// As `pointer::add`.
+    unsafe fn add(self, offset: usize) -> Self {
+        // SAFETY: the caller upholds this function's contract (`# Safety` above).
+        unsafe {
+            match self {
+                Dst::F32(p) => Dst::F32(p.add(offset)),
+                Dst::Bf16(p) => Dst::Bf16(p.add(offset)),
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub enum Epilogue<'a> {
     /// dst = A W
@@ -110,10 +133,10 @@ impl Weights {
         Self { k, n, data }
     }
 
-    /// Whether these weights take left operands already in bf16 (`matmul_bf16`): the panels of
-    /// `Kernels::Avx512Bf16`. (AMX weights also multiply in bf16 but stage their own operand.)
+    /// Whether these weights multiply in bf16, and so take left operands already in bf16
+    /// (`matmul_bf16`) and can write bf16 results (`matmul_to_bf16`).
     pub fn takes_bf16_segments(&self) -> bool {
-        matches!(self.data, Layout::PanelsBf16(_))
+        matches!(self.data, Layout::PanelsBf16(_) | Layout::TilesAmx(_))
     }
 }
 
@@ -158,9 +181,46 @@ pub unsafe fn matmul_bf16(
         match &w.data {
             #[cfg(target_arch = "x86_64")]
             Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
-                avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue)
+                avx512::matmul_bf16_segments(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::TilesAmx(data) if m > 0 && w.n > 0 => {
+                crate::amx::matmul_bf16(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
             }
             _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
+        }
+    }
+}
+
+/// As `matmul`, with the results rounded to bf16 (to nearest even) into `dst` (m x w.n u16,
+/// row stride `dst_rs`): for an output whose only reader is another bf16 product
+/// (`matmul_bf16`), which would round it so anyway; it gets the same operand in half the
+/// bytes and without a conversion pass.
+///
+/// # Safety
+/// As `matmul`; moreover `w.takes_bf16_segments()`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub unsafe fn matmul_to_bf16(
+    m: usize,
+    a: &[Segment],
+    w: &Weights,
+    dst: *mut u16,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
+    // SAFETY: the caller upholds this function's contract (`# Safety` above).
+    unsafe {
+        debug_assert_eq!(a.iter().map(|s| s.k).sum::<usize>(), w.k);
+        match &w.data {
+            #[cfg(target_arch = "x86_64")]
+            Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
+                avx512::matmul_bf16(m, a, w, data, Dst::Bf16(dst), dst_rs, epilogue)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::TilesAmx(data) if m > 0 && w.n > 0 => {
+                crate::amx::matmul(m, a, w, data, Dst::Bf16(dst), dst_rs, epilogue)
+            }
+            _ => assert!(m == 0 || w.n == 0, "matmul_to_bf16 needs bf16 weights"),
         }
     }
 }
@@ -215,9 +275,13 @@ pub unsafe fn matmul(
             #[cfg(target_arch = "x86_64")]
             Layout::Panels(data) => avx512::matmul(m, a, w, data, dst, dst_rs, epilogue),
             #[cfg(target_arch = "x86_64")]
-            Layout::PanelsBf16(data) => avx512::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue),
+            Layout::PanelsBf16(data) => {
+                avx512::matmul_bf16(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
+            }
             #[cfg(target_arch = "x86_64")]
-            Layout::TilesAmx(data) => crate::amx::matmul(m, a, w, data, dst, dst_rs, epilogue),
+            Layout::TilesAmx(data) => {
+                crate::amx::matmul(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Layout::Panels(_) | Layout::PanelsBf16(_) | Layout::TilesAmx(_) => {
                 unreachable!("AVX-512 kernels are only selected on x86-64")
@@ -286,7 +350,7 @@ unsafe fn portable(
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{panel_vectors, Activation, Epilogue, Segment, SegmentBf16, Weights};
+    use super::{panel_vectors, Activation, Dst, Epilogue, Segment, SegmentBf16, Weights};
     use crate::blocking::MAX_TILE_ROWS;
     use crate::loops::{ERF_CLAMP, ERF_DEN, ERF_NUM};
 
@@ -318,7 +382,7 @@ pub(crate) mod avx512 {
         // because this CPU has the features enabled here; the pointers are as `gemm::matmul`'s
         // contract requires.
         unsafe {
-            for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+            for_each_tile(m, w.n, Dst::F32(dst), dst_rs, |rows, vectors, at| {
                 let panel = data.as_ptr().add(at.j0 * w.k);
                 dispatch!(rows, vectors, tile(a, panel, at, epilogue))
             });
@@ -330,15 +394,17 @@ pub(crate) mod avx512 {
         static LEFT_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// `run(rows)` on the `m` rows of segments `a` converted to bf16 rows of `kp` values (zero
-    /// segments and the padding past their k as zeros) in this thread's staging buffer, which
-    /// holds at least `capacity` >= m such rows (the ones past m hold any values).
+    /// `run(rows)` on the `m` rows of segments `a` (fp32, converted by `to_bf16`, or bf16,
+    /// copied by `copy_bf16`) as bf16 rows of `kp` values (zero segments and the padding past
+    /// their k as zeros) in this thread's staging buffer, which holds at least `capacity` >= m
+    /// such rows (the ones past m hold any values).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn with_bf16_rows(
+    pub unsafe fn with_bf16_rows<T>(
         m: usize,
         capacity: usize,
-        a: &[Segment],
+        a: &[Segment<T>],
         kp: usize,
+        stage: unsafe fn(*const T, usize, *mut u16),
         run: impl FnOnce(*const u16),
     ) {
         // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
@@ -356,7 +422,7 @@ pub(crate) mod avx512 {
                         if s.ptr.is_null() {
                             row.write_bytes(0, s.k);
                         } else {
-                            to_bf16(s.ptr.add(r * s.stride), s.k, row);
+                            stage(s.ptr.add(r * s.stride), s.k, row);
                         }
                         row = row.add(s.k);
                     }
@@ -375,7 +441,7 @@ pub(crate) mod avx512 {
         a: &[Segment],
         w: &Weights,
         data: &[u16],
-        dst: *mut f32,
+        dst: Dst,
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
@@ -384,7 +450,7 @@ pub(crate) mod avx512 {
         // contract requires.
         unsafe {
             let kp = w.k.next_multiple_of(2);
-            with_bf16_rows(m, m, a, kp, |left| {
+            with_bf16_rows(m, m, a, kp, to_bf16, |left| {
                 matmul_bf16_segments(
                     m,
                     &[SegmentBf16 { ptr: left, stride: kp, k: kp }],
@@ -399,13 +465,13 @@ pub(crate) mod avx512 {
     }
 
     /// As `matmul`, on a left operand already in bf16.
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     pub unsafe fn matmul_bf16_segments(
         m: usize,
         a: &[SegmentBf16],
         w: &Weights,
         data: &[u16],
-        dst: *mut f32,
+        dst: Dst,
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
@@ -447,6 +513,23 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// k bf16 values from `src` to `dst`: `with_bf16_rows`'s staging of bf16 segments.
+    pub unsafe fn copy_bf16(src: *const u16, k: usize, dst: *mut u16) {
+        // SAFETY: the caller's segments cover k values of the row; the staging row holds them.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, k) }
+    }
+
+    /// The `mask`ed lanes of `v` rounded to bf16 (nearest even) at `dst`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub unsafe fn store_bf16(dst: *mut u16, mask: __mmask16, v: __m512) {
+        // SAFETY: the caller's dst holds the masked lanes.
+        unsafe {
+            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(dst as *mut i16, mask, v);
+        }
+    }
+
     /// The register tiles of an m x n product, panel by panel: `run(rows, vectors, tile)`.
     /// As few row tiles per panel as the register budget allows, of near-equal height: 26
     /// rows run as 9 + 9 + 8, not 12 + 12 + 2 (a 2-row tile has too few independent
@@ -454,7 +537,7 @@ pub(crate) mod avx512 {
     unsafe fn for_each_tile(
         m: usize,
         n: usize,
-        dst: *mut f32,
+        dst: Dst,
         dst_rs: usize,
         mut run: impl FnMut(usize, usize, &Tile),
     ) {
@@ -484,17 +567,18 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The epilogue, on the accumulators of one tile, into `t.dst`. A macro, not a function:
-    /// a call would pass the 24 accumulators through memory.
+    /// The epilogue, on the accumulators of one tile, each vector written by `$write` at its
+    /// offset from the tile's first output. A macro, not a function: a call would pass the 24
+    /// accumulators through memory.
     macro_rules! store {
-        ($acc:expr, $t:expr, $epilogue:expr, $nv:expr) => {{
+        ($acc:expr, $t:expr, $epilogue:expr, $nv:expr, |$at:ident, $mask:ident, $out:ident| $write:expr) => {{
             let t: &Tile = $t;
             for (r, acc) in $acc.iter().enumerate() {
-                let dst = t.dst.add(r * t.dst_rs);
                 for (v, &sum) in acc.iter().enumerate() {
-                    let mask = if v == $nv - 1 { t.mask } else { 0xffff };
-                    let out = finished!(sum, mask, t.r0 + r, t.j0 + 16 * v, t.dst_rs, $epilogue);
-                    _mm512_mask_storeu_ps(dst.add(16 * v), mask, out);
+                    let $mask = if v == $nv - 1 { t.mask } else { 0xffff };
+                    let $out = finished!(sum, $mask, t.r0 + r, t.j0 + 16 * v, t.dst_rs, $epilogue);
+                    let $at = r * t.dst_rs + 16 * v;
+                    $write;
                 }
             }
         }};
@@ -528,31 +612,31 @@ pub(crate) mod avx512 {
 
     /// `epilogue(sum)` into the `mask`ed lanes of `dst` at row `row`, column `col`.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     pub unsafe fn finish(
         sum: __m512,
         mask: __mmask16,
         row: usize,
         col: usize,
-        dst: *mut f32,
+        dst: Dst,
         dst_rs: usize,
         epilogue: Epilogue,
     ) {
         // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
         // panel and dst that `matmul` was given.
         unsafe {
-            _mm512_mask_storeu_ps(
-                dst.add(row * dst_rs + col),
-                mask,
-                finished!(sum, mask, row, col, dst_rs, epilogue),
-            );
+            let out = finished!(sum, mask, row, col, dst_rs, epilogue);
+            match dst.add(row * dst_rs + col) {
+                Dst::F32(p) => _mm512_mask_storeu_ps(p, mask, out),
+                Dst::Bf16(p) => store_bf16(p, mask, out),
+            }
         }
     }
 
     struct Tile {
         r0: usize,
         j0: usize,
-        dst: *mut f32,
+        dst: Dst,
         dst_rs: usize,
         mask: __mmask16,
     }
@@ -578,7 +662,12 @@ pub(crate) mod avx512 {
                 }
                 wp = wp.add(16 * NV * s.k);
             }
-            store!(acc, t, epilogue, NV);
+            let Dst::F32(dst) = t.dst else { unreachable!("fp32 weights write fp32") };
+            store!(acc, t, epilogue, NV, |at, mask, out| _mm512_mask_storeu_ps(
+                dst.add(at),
+                mask,
+                out
+            ));
         }
     }
 
@@ -587,7 +676,7 @@ pub(crate) mod avx512 {
     /// compiled with AVX512-BF16 enabled to inline its `vdpbf16ps`, which the fp32 tile must
     /// not require, and Rust cannot make `target_feature` depend on a type parameter.
     #[inline(never)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
     unsafe fn tile_bf16<const R: usize, const NV: usize>(
         a: &[SegmentBf16],
         panel: *const u16,
@@ -611,7 +700,14 @@ pub(crate) mod avx512 {
                 }
                 wp = wp.add(16 * NV * s.k);
             }
-            store!(acc, t, epilogue, NV);
+            match t.dst {
+                Dst::F32(dst) => store!(acc, t, epilogue, NV, |at, mask, out| {
+                    _mm512_mask_storeu_ps(dst.add(at), mask, out)
+                }),
+                Dst::Bf16(dst) => store!(acc, t, epilogue, NV, |at, mask, out| {
+                    store_bf16(dst.add(at), mask, out)
+                }),
+            }
         }
     }
 
@@ -847,40 +943,66 @@ mod tests {
     }
 
     /// Left operands converted once (`to_bf16_rows` + `matmul_bf16` on bf16 segments, as the
-    /// partial convolution uses them) give bit for bit what converting per product gives.
+    /// partial convolution and fc2 use them) give bit for bit what converting per product
+    /// gives, and results written in bf16 (`matmul_to_bf16`, as fc1 writes them) are the fp32
+    /// results rounded: on every bf16 kernel set this CPU runs, for operands split in segments
+    /// (staged) and whole ones of a k that AMX reads in place, over row counts with and without
+    /// a partial last 16 rows.
     #[test]
-    fn bf16_segments_match_the_per_product_conversion() {
-        // The only kernels that take pre-converted segments (the AVX512-BF16 engine's partial
-        // convolution); on an AMX CPU too, where the engine itself does not use them.
-        let Some(kernels) = Kernels::all_bf16().into_iter().find(|k| k.isa() == Isa::Avx512Bf16)
-        else {
+    fn bf16_segments_and_results_match_the_per_product_conversion() {
+        let all = Kernels::all_bf16();
+        if all.is_empty() {
             return eprintln!("skipped: this CPU has no AVX512-BF16");
-        };
-        let (m, widths, n) = (29, [10, 10, 20], 40);
-        let k: usize = widths.iter().sum();
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        let wm: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 498.0 - 1.0).collect();
-        let w = Weights::new(k, n, wm, kernels);
-        let mut ab = vec![0u16; m * k];
-        let (mut f32_segments, mut bf16_segments, mut k0) = (Vec::new(), Vec::new(), 0);
-        for (i, &width) in widths.iter().enumerate() {
-            if i == 1 {
-                f32_segments.push(Segment::zeros(width));
-                bf16_segments.push(SegmentBf16::zeros(width));
-            } else {
-                f32_segments.push(Segment { ptr: a[k0..].as_ptr(), stride: k, k: width });
-                bf16_segments.push(SegmentBf16 { ptr: ab[k0..].as_ptr(), stride: k, k: width });
+        }
+        for kernels in all {
+            for (m, widths, n) in [
+                (29, &[10, 10, 20][..], 40),
+                (29, &[64], 40),
+                (48, &[96], 24),
+                (40, &[32, 32], 72),
+                (7, &[128], 33),
+            ] {
+                let k: usize = widths.iter().sum();
+                let stride = k + 6;
+                let a: Vec<f32> =
+                    (0..m * stride).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+                let wm: Vec<f32> =
+                    (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 498.0 - 1.0).collect();
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 / 7.0 - 2.0).collect();
+                let w = Weights::new(k, n, wm, kernels);
+                let mut ab = vec![0u16; m * stride];
+                let (mut f32_segments, mut bf16_segments, mut k0) = (Vec::new(), Vec::new(), 0);
+                for (i, &width) in widths.iter().enumerate() {
+                    if i == 1 && widths.len() == 3 {
+                        f32_segments.push(Segment::zeros(width));
+                        bf16_segments.push(SegmentBf16::zeros(width));
+                    } else {
+                        f32_segments.push(Segment { ptr: a[k0..].as_ptr(), stride, k: width });
+                        bf16_segments.push(SegmentBf16 {
+                            ptr: ab[k0..].as_ptr(),
+                            stride,
+                            k: width,
+                        });
+                    }
+                    k0 += width;
+                }
+                let epilogue = Epilogue::Bias(&bias, Some(Activation::Gelu));
+                let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                let mut got_bf16 = vec![0u16; m * n];
+                // SAFETY: the buffers hold the m x k operand and the m x n outputs the calls
+                // describe.
+                unsafe {
+                    to_bf16_rows(a.as_ptr(), stride, m, stride, ab.as_mut_ptr());
+                    matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, epilogue);
+                    matmul_bf16(m, &bf16_segments, &w, got.as_mut_ptr(), n, epilogue);
+                    matmul_to_bf16(m, &f32_segments, &w, got_bf16.as_mut_ptr(), n, epilogue);
+                }
+                let shape = format!("{kernels:?} m={m} k={widths:?} n={n}");
+                assert_eq!(got, want, "{shape}");
+                let rounded: Vec<u16> = want.iter().map(|&x| bf16(x)).collect();
+                assert_eq!(got_bf16, rounded, "{shape}");
             }
-            k0 += width;
         }
-        let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
-        // SAFETY: the buffers hold the m x k operand and the m x n output the call describes.
-        unsafe {
-            to_bf16_rows(a.as_ptr(), k, m, k, ab.as_mut_ptr());
-            matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, Epilogue::Store);
-            matmul_bf16(m, &bf16_segments, &w, got.as_mut_ptr(), n, Epilogue::Store);
-        }
-        assert_eq!(got, want);
     }
 
     /// The GELU epilogues of this CPU's kernels against the portable one (itself checked

@@ -3,8 +3,9 @@
 //!
 //! - [`Kernels`] (`cpu.rs`) is the one detection of the CPU's features: a token that only
 //!   `detect()` and `detect_bf16()` make, and that every dispatch below takes.
-//! - [`Weights`], [`matmul`] and [`matmul_bf16`] (`gemm.rs`): the packed layouts and our
-//!   AVX-512 microkernel (fp32 or AVX512-BF16 operands), or the `gemm` crate on any CPU.
+//! - [`Weights`], [`matmul`], [`matmul_bf16`] and [`matmul_to_bf16`] (`gemm.rs`): the packed
+//!   layouts and our AVX-512 microkernel (fp32 or AVX512-BF16 operands and results), or the
+//!   `gemm` crate on any CPU.
 //! - `amx.rs`: the same products on AMX tiles.
 //! - [`Winograd`] (`winograd.rs`): the 3x3 convolution by F(2x2, 3x3).
 //! - `loops.rs`: the portable path's epilogue, the erf approximation, patch gathering.
@@ -27,7 +28,9 @@ pub mod winograd;
 #[cfg(target_arch = "x86_64")]
 pub use amx::available as amx_available;
 pub use cpu::{Isa, Kernels};
-pub use gemm::{matmul, matmul_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16, Weights};
+pub use gemm::{
+    matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16, Weights,
+};
 pub use loops::im2col;
 pub use winograd::Winograd;
 
@@ -40,9 +43,9 @@ pub enum Activation {
 
 /// `v` grown to at least `len` elements (never shrunk: scratch kept between calls), as a
 /// slice of exactly `len`.
-pub fn grow(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
-        v.resize(len, 0.0);
+        v.resize(len, T::default());
     }
     &mut v[..len]
 }

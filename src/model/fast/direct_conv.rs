@@ -13,9 +13,9 @@ use super::schedule::SCRATCH_BF16;
 /// channels), directly: a row's inner pixels read the input as nine shifted segments (taps
 /// above the first or below the last row are skipped); only the two edge pixels of each row,
 /// whose windows reach into the zero padding, are gathered (im2col) into `col`, all of the
-/// tile's in one product into `edge_out`. With AVX512-BF16 weights, the cp channels of the tile's
-/// rows and their neighbours are converted once, for the nine taps to read as shifted segments
-/// (AMX weights convert the nine taps into their own staging rows).
+/// tile's in one product into `edge_out`. With bf16 weights, the cp channels of the tile's rows
+/// and their neighbours are converted once, for the nine taps to read as shifted segments
+/// (instead of each tap converting its own copy).
 pub(super) fn partial_conv_direct(
     b: &Block,
     x: &[f32],
@@ -35,7 +35,7 @@ pub(super) fn partial_conv_direct(
     unsafe {
         let bf16_from = g.start.saturating_sub(1);
         let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
-        // The rows in bf16, where the weights take bf16 segments (AVX512-BF16).
+        // The rows in bf16, where the weights take bf16 segments.
         let staged: Option<Vec<u16>> = (b.partial.takes_bf16_segments() && w > 2 && cp % 2 == 0)
             .then(|| {
                 let mut xb = SCRATCH_BF16.take();

@@ -2,12 +2,14 @@
 
 use fasternet_kernels::blocking::{min_rows_for, GATHER_ABOVE_FLOATS};
 use fasternet_kernels::winograd::{self, Winograd};
-use fasternet_kernels::{grow, matmul, Activation, Epilogue, Segment};
+use fasternet_kernels::{
+    grow, matmul, matmul_bf16, matmul_to_bf16, Activation, Epilogue, Segment, SegmentBf16,
+};
 
 use super::direct_conv::partial_conv_direct;
 use super::pack::{Block, Dense};
 use super::profile::Layer;
-use super::schedule::{for_each_tile, tiles, Out, SCRATCH};
+use super::schedule::{for_each_tile, tiles, Out, HIDDEN_BF16, SCRATCH};
 use super::FastEngine;
 
 impl FastEngine {
@@ -224,7 +226,6 @@ impl FastEngine {
             SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
                 let n = g.len() * w;
                 let mixed = grow(mixed, n * cp);
-                let hidden = grow(hidden, n * b.hidden);
                 match winograd {
                     Some(winograd) => winograd.run(x, (h, w, dim), g.clone(), mixed),
                     None => partial_conv_direct(b, x, (h, w), g.clone(), [col, edge_out], mixed),
@@ -242,16 +243,23 @@ impl FastEngine {
                     } else {
                         Epilogue::Bias(&b.fc1_bias, Some(act))
                     };
-                    matmul(n, &spatial_mixing, &b.fc1, hidden.as_mut_ptr(), b.hidden, fc1_epilogue);
-                    let hidden = [Segment { ptr: hidden.as_ptr(), stride: b.hidden, k: b.hidden }];
-                    matmul(
-                        n,
-                        &hidden,
-                        &b.fc2,
-                        out_ptr.at(g.start * w * dim),
-                        dim,
-                        Epilogue::Residual(x_tile),
-                    );
+                    let out = out_ptr.at(g.start * w * dim);
+                    let residual = Epilogue::Residual(x_tile);
+                    if b.fc2.takes_bf16_segments() {
+                        // fc2 would round the hidden activations to bf16: fc1 writes them so.
+                        HIDDEN_BF16.with_borrow_mut(|hidden| {
+                            let hidden = grow(hidden, n * b.hidden);
+                            let (ptr, stride, k) = (hidden.as_mut_ptr(), b.hidden, b.hidden);
+                            matmul_to_bf16(n, &spatial_mixing, &b.fc1, ptr, stride, fc1_epilogue);
+                            let hidden = [SegmentBf16 { ptr, stride, k }];
+                            matmul_bf16(n, &hidden, &b.fc2, out, dim, residual);
+                        });
+                    } else {
+                        let hidden = grow(hidden, n * b.hidden);
+                        let (ptr, stride, k) = (hidden.as_mut_ptr(), b.hidden, b.hidden);
+                        matmul(n, &spatial_mixing, &b.fc1, ptr, stride, fc1_epilogue);
+                        matmul(n, &[Segment { ptr, stride, k }], &b.fc2, out, dim, residual);
+                    }
                 }
             })
         });

@@ -15,7 +15,9 @@
 //!   each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
-//!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32.
+//!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32. A block's
+//!   hidden activations, read only by fc2, which rounds them to bf16, are written by fc1 in
+//!   bf16; everything else between layers stays fp32.
 //!
 //! Where things are: `pack.rs` lays the folded weights out for the kernels, `schedule.rs`
 //! splits the work into tiles and threads, `graph.rs` is the network as a sequence of those
@@ -73,7 +75,7 @@ impl FastEngine {
     }
 
     /// The network body's products on bf16 operands (fp32 accumulation, fp32 activations
-    /// between layers), on AMX tiles where the CPU has them. The stem (2% of the work, and its
+    /// between layers but the blocks' hidden ones), on AMX tiles where the CPU has them. The stem (2% of the work, and its
     /// 4-wide input segments cost more to convert than they save), the head and the
     /// classifier (under 1%) stay fp32.
     pub fn new_bf16(w: &FasterNetWeights) -> Result<Self, ModelError> {

@@ -46,9 +46,11 @@ thread_local! {
     /// Per-thread tile scratch: gathered patches (edge pixels, or a merge's) and the edge
     /// pixels' outputs, the partial convolution's output and the hidden activations.
     pub(super) static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
-    /// AVX512-BF16 engine: the partial convolution's input channels of a tile and its
+    /// bf16 engines: the partial convolution's input channels of a tile and its
     /// neighbour rows.
     pub(super) static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// bf16 engines: a tile's hidden activations as fc1 writes them and fc2 reads them.
+    pub(super) static HIDDEN_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Raw output pointer shared by tiles that write disjoint rows.
