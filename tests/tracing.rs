@@ -288,7 +288,7 @@ async fn tracing_is_off_without_an_endpoint_and_harmless_without_a_collector() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        let logs: Vec<String> = s.logs.try_iter().collect();
+        let logs = s.logs_through_responses(1);
         let traced = logged_with_trace(&logs, HTTP_TRACE);
         if env.is_empty() {
             assert_eq!(traced, 0, "{}", logs.join("\n"));

@@ -113,6 +113,23 @@ impl Server {
         .unwrap()
     }
 
+    /// The log lines written until `requests` more HTTP responses have been logged. The lines
+    /// come through a pipe, so they can arrive after the client has its response.
+    pub fn logs_through_responses(&self, requests: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        let mut responses = 0;
+        while responses < requests {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = self.logs.recv_timeout(wait).unwrap_or_else(|_| {
+                panic!("{responses} of {requests} responses logged:\n{}", lines.join("\n"))
+            });
+            responses += usize::from(line.contains("finished processing request"));
+            lines.push(line);
+        }
+        lines
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
         text.lines()
