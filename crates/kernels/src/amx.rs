@@ -105,7 +105,7 @@ pub unsafe fn matmul(
     unsafe {
         let kp = w.k.next_multiple_of(K_STEP);
         // Rows past m (up to the next 16) are multiplied but never stored: any values do.
-        avx512::with_bf16_rows(m, m.next_multiple_of(TILE), a, kp, avx512::to_bf16, |left| {
+        avx512::with_bf16_rows(m, m.next_multiple_of(TILE), a, kp, |left| {
             run(m, &Left::staged(left, m, kp), w, data, dst, dst_rs, epilogue)
         });
     }
@@ -145,14 +145,9 @@ pub unsafe fn matmul_bf16(
                 let left = Left { rows: s.ptr, stride: s.stride, in_place, tail: tail.as_ptr() };
                 run(m, &left, w, data, dst, dst_rs, epilogue)
             }),
-            _ => avx512::with_bf16_rows(
-                m,
-                m.next_multiple_of(TILE),
-                a,
-                kp,
-                avx512::copy_bf16,
-                |left| run(m, &Left::staged(left, m, kp), w, data, dst, dst_rs, epilogue),
-            ),
+            _ => avx512::with_bf16_rows(m, m.next_multiple_of(TILE), a, kp, |left| {
+                run(m, &Left::staged(left, m, kp), w, data, dst, dst_rs, epilogue)
+            }),
         }
     }
 }

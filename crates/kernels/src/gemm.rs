@@ -394,17 +394,45 @@ pub(crate) mod avx512 {
         static LEFT_BF16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// `run(rows)` on the `m` rows of segments `a` (fp32, converted by `to_bf16`, or bf16,
-    /// copied by `copy_bf16`) as bf16 rows of `kp` values (zero segments and the padding past
-    /// their k as zeros) in this thread's staging buffer, which holds at least `capacity` >= m
-    /// such rows (the ones past m hold any values).
+    /// The element types of a product's left operand, and how `with_bf16_rows` stages a
+    /// segment of them as bf16: fp32 converted (`to_bf16`), bf16 copied (`copy_bf16`). A trait
+    /// rather than a function argument so that the staging is inlined into the row loop: the
+    /// partial convolution's taps are rows of 8-48 values, where a call per segment (and
+    /// `memcpy`'s per call) would cost more than the copy.
+    pub trait StageBf16: Sized {
+        /// k values at `src` as bf16 at `dst`.
+        ///
+        /// # Safety
+        /// The CPU has AVX512-BF16; `src` and `dst` hold k values.
+        unsafe fn stage(src: *const Self, k: usize, dst: *mut u16);
+    }
+
+    impl StageBf16 for f32 {
+        #[inline(always)]
+        unsafe fn stage(src: *const f32, k: usize, dst: *mut u16) {
+            // SAFETY: the caller upholds the trait method's contract.
+            unsafe { to_bf16(src, k, dst) }
+        }
+    }
+
+    impl StageBf16 for u16 {
+        #[inline(always)]
+        unsafe fn stage(src: *const u16, k: usize, dst: *mut u16) {
+            // SAFETY: the caller upholds the trait method's contract.
+            unsafe { copy_bf16(src, k, dst) }
+        }
+    }
+
+    /// `run(rows)` on the `m` rows of segments `a` (fp32 or bf16, staged by `T::stage`) as bf16
+    /// rows of `kp` values (zero segments and the padding past their k as zeros) in this
+    /// thread's staging buffer, which holds at least `capacity` >= m such rows (the ones past m
+    /// hold any values).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    pub unsafe fn with_bf16_rows<T>(
+    pub unsafe fn with_bf16_rows<T: StageBf16>(
         m: usize,
         capacity: usize,
         a: &[Segment<T>],
         kp: usize,
-        stage: unsafe fn(*const T, usize, *mut u16),
         run: impl FnOnce(*const u16),
     ) {
         // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
@@ -420,13 +448,13 @@ pub(crate) mod avx512 {
                     let mut row = left.as_mut_ptr().add(r * kp);
                     for s in a {
                         if s.ptr.is_null() {
-                            row.write_bytes(0, s.k);
+                            zero_bf16(row, s.k);
                         } else {
-                            stage(s.ptr.add(r * s.stride), s.k, row);
+                            T::stage(s.ptr.add(r * s.stride), s.k, row);
                         }
                         row = row.add(s.k);
                     }
-                    row.write_bytes(0, kp - k);
+                    zero_bf16(row, kp - k);
                 }
                 run(left.as_ptr());
             });
@@ -450,7 +478,7 @@ pub(crate) mod avx512 {
         // contract requires.
         unsafe {
             let kp = w.k.next_multiple_of(2);
-            with_bf16_rows(m, m, a, kp, to_bf16, |left| {
+            with_bf16_rows(m, m, a, kp, |left| {
                 matmul_bf16_segments(
                     m,
                     &[SegmentBf16 { ptr: left, stride: kp, k: kp }],
@@ -513,10 +541,50 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// The mask of the first `n` (< 32) u16 lanes of a vector.
+    #[inline(always)]
+    fn first_lanes(n: usize) -> __mmask32 {
+        (1u32 << n) - 1
+    }
+
     /// k bf16 values from `src` to `dst`: `with_bf16_rows`'s staging of bf16 segments.
-    pub unsafe fn copy_bf16(src: *const u16, k: usize, dst: *mut u16) {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn copy_bf16(src: *const u16, k: usize, dst: *mut u16) {
         // SAFETY: the caller's segments cover k values of the row; the staging row holds them.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, k) }
+        unsafe {
+            let mut i = 0;
+            while i + 32 <= k {
+                _mm512_storeu_si512(dst.add(i).cast(), _mm512_loadu_si512(src.add(i).cast()));
+                i += 32;
+            }
+            if i < k {
+                let mask = first_lanes(k - i);
+                let v = _mm512_maskz_loadu_epi16(mask, src.add(i).cast());
+                _mm512_mask_storeu_epi16(dst.add(i).cast(), mask, v);
+            }
+        }
+    }
+
+    /// k bf16 zeros at `dst`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn zero_bf16(dst: *mut u16, k: usize) {
+        // SAFETY: the caller's staging row holds k values at `dst`.
+        unsafe {
+            let mut i = 0;
+            while i + 32 <= k {
+                _mm512_storeu_si512(dst.add(i).cast(), _mm512_setzero_si512());
+                i += 32;
+            }
+            if i < k {
+                _mm512_mask_storeu_epi16(
+                    dst.add(i).cast(),
+                    first_lanes(k - i),
+                    _mm512_setzero_si512(),
+                );
+            }
+        }
     }
 
     /// The `mask`ed lanes of `v` rounded to bf16 (nearest even) at `dst`.
@@ -955,9 +1023,12 @@ mod tests {
             return eprintln!("skipped: this CPU has no AVX512-BF16");
         }
         for kernels in all {
+            // Each case's staging rows start out holding the case before's values, so that a
+            // value left unstaged shows.
             for (m, widths, n) in [
-                (29, &[10, 10, 20][..], 40),
-                (29, &[64], 40),
+                (29, &[64][..], 40),
+                (29, &[10, 10, 20], 40),
+                (33, &[40, 24], 40),
                 (48, &[96], 24),
                 (40, &[32, 32], 72),
                 (7, &[128], 33),
@@ -993,8 +1064,8 @@ mod tests {
                 // describe.
                 unsafe {
                     to_bf16_rows(a.as_ptr(), stride, m, stride, ab.as_mut_ptr());
-                    matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, epilogue);
                     matmul_bf16(m, &bf16_segments, &w, got.as_mut_ptr(), n, epilogue);
+                    matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, epilogue);
                     matmul_to_bf16(m, &f32_segments, &w, got_bf16.as_mut_ptr(), n, epilogue);
                 }
                 let shape = format!("{kernels:?} m={m} k={widths:?} n={n}");

@@ -56,7 +56,6 @@ fn transpose(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
 
 impl FastEngine {
     pub(super) fn with_kernels(w: &FasterNetWeights, kernels: Kernels) -> Result<Self, ModelError> {
-        let fp32 = kernels.fp32();
         let dense =
             |conv: &FoldedConv, nhwc: bool, kernels: Kernels| -> Result<Dense, ModelError> {
                 let w = if nhwc {
@@ -100,11 +99,11 @@ impl FastEngine {
         Ok(Self {
             kernels,
             act: w.config.act.into(),
-            stem: dense(&w.stem, false, fp32)?,
+            stem: dense(&w.stem, false, kernels.fp32())?,
             stages,
-            head: Dense { w: transpose(&w.conv_head, fp32)?, bias: vec![0.0; features] },
+            head: Dense { w: transpose(&w.conv_head, kernels)?, bias: vec![0.0; features] },
             classifier: Dense {
-                w: transpose(&w.classifier_weight, fp32)?,
+                w: transpose(&w.classifier_weight, kernels)?,
                 bias: to_vec(&w.classifier_bias)?,
             },
             buffers: Mutex::new(Vec::new()),
