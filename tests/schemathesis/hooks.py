@@ -29,17 +29,31 @@ schemathesis.openapi.media_type("image/*", IMAGES)
 schemathesis.openapi.media_type("application/octet-stream", IMAGES)
 
 
+def is_base64(item):
+    try:
+        base64.b64decode(item, validate=True)
+        return True
+    except ValueError:
+        return False
+
+
 @schemathesis.hook
 def map_body(ctx, body):
     """JSON and multipart bodies: as many images as generated, each a real one (sizes vary
-    with the position, so a request mixes shapes)."""
+    with the position, so a request mixes shapes). What makes a body schema-violating stays:
+    a JSON body keeps its other properties and the items that are not base64 text. A multipart
+    body keeps only its images, since every part of one is read as an image (any part name)."""
     if isinstance(body, dict) and isinstance(body.get("images"), list) and body["images"]:
         images = [png(8 + 5 * i % 40, 8 + 3 * i % 30, i) for i in range(len(body["images"]))]
         # Multipart file parts come as schemathesis' Binary (a str subclass holding bytes).
         binary = [type(item) for item in body["images"] if hasattr(item, "data")]
         if binary:
             return {"images": [binary[0](data) for data in images]}
-        return {"images": [base64.b64encode(i).decode() for i in images]}
+        real = [
+            base64.b64encode(image).decode() if isinstance(item, str) and is_base64(item) else item
+            for item, image in zip(body["images"], images)
+        ]
+        return {**body, "images": real}
     if isinstance(body, dict) and isinstance(body.get("inputs"), list) and body["inputs"]:
         # A v2 inference request: its one input becomes a real image; the outputs asked for
         # keep their count, named after the model's; binary outputs (another content type)

@@ -24,6 +24,11 @@ pub const MIN_PRODUCT_PIXELS: usize = 16;
 /// microkernel's row tile).
 pub const WINOGRAD_ROUND_FLOATS: usize = 32 * 1024;
 
+/// Pixels per product of the partial convolution on gathered bf16 patches (AMX): eight row
+/// tiles, so that each weight tile loaded serves four pairs of them; 128 patches of 9 cp bf16
+/// values stay within L2 (432 KiB at cp = 192).
+pub const GATHERED_PATCH_PIXELS: usize = 128;
+
 /// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
 pub fn min_rows_for(width: usize) -> usize {
     MIN_PRODUCT_PIXELS.div_ceil(width)

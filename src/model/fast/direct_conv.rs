@@ -2,12 +2,80 @@
 
 use std::ops::Range;
 
+use fasternet_kernels::blocking::GATHERED_PATCH_PIXELS;
 use fasternet_kernels::{
     grow, im2col, matmul, matmul_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16,
 };
 
 use super::pack::Block;
-use super::schedule::SCRATCH_BF16;
+use super::schedule::{PATCHES_BF16, SCRATCH_BF16};
+
+/// The cp channels of global image rows `g` and of their neighbours above and below (within
+/// the batch) in bf16, in this thread's scratch, which the caller hands back with
+/// `SCRATCH_BF16.set`; and the first row it holds.
+///
+/// # Safety
+/// Only where the block's weights take bf16 segments (the CPU has AVX512-BF16).
+unsafe fn rows_bf16(
+    x: &[f32],
+    (w, dim, cp): (usize, usize, usize),
+    g: &Range<usize>,
+) -> (Vec<u16>, usize) {
+    let image_rows = x.len() / (dim * w);
+    let from = g.start.saturating_sub(1);
+    let rows = (g.end + 1).min(image_rows) - from;
+    let mut xb = SCRATCH_BF16.take();
+    xb.resize(xb.len().max(rows * w * cp), 0);
+    // SAFETY: x holds the rows' pixels of dim channels; xb holds rows x w x cp values; the
+    // caller's CPU has AVX512-BF16.
+    unsafe { to_bf16_rows(x.as_ptr().add(from * w * dim), dim, rows * w, cp, xb.as_mut_ptr()) };
+    (xb, from)
+}
+
+/// The partial convolution of global image rows `g` into `mixed` (rows x w pixels of cp
+/// channels) on AMX, where `Block::gather_patches`: the rows in bf16 once (`rows_bf16`), then
+/// per `GATHERED_PATCH_PIXELS` pixels each pixel's 3x3 patch gathered from them (zeros outside
+/// the image) into one bf16 row of 9 cp values, and one product that the tiles read in place.
+/// Per image row instead (`partial_conv_direct`), a product has 5-12 pixels in the last two
+/// stages, so every weight tile is loaded for a single, part-empty row tile.
+pub(super) fn partial_conv_gathered(
+    b: &Block,
+    x: &[f32],
+    (h, w): (usize, usize),
+    g: Range<usize>,
+    mixed: &mut [f32],
+) {
+    let cp = b.cp;
+    let patch = 9 * cp;
+    // SAFETY: `gather_patches` is only set for AMX weights.
+    let (xb, from) = unsafe { rows_bf16(x, (w, b.dim, cp), &g) };
+    let pixels = g.len() * w;
+    PATCHES_BF16.with_borrow_mut(|patches| {
+        let patches = grow(patches, GATHERED_PATCH_PIXELS.min(pixels) * patch);
+        for p0 in (0..pixels).step_by(GATHERED_PATCH_PIXELS) {
+            let n = GATHERED_PATCH_PIXELS.min(pixels - p0);
+            for (p, out) in (p0..p0 + n).zip(patches.chunks_exact_mut(patch)) {
+                let (row, j) = (g.start + p / w, p % w);
+                let i = row % h;
+                for (tap, dst) in out.chunks_exact_mut(cp).enumerate() {
+                    let (si, sj) = ((i + tap / 3).wrapping_sub(1), (j + tap % 3).wrapping_sub(1));
+                    if si >= h || sj >= w {
+                        dst.fill(0);
+                    } else {
+                        let src = ((row + tap / 3 - 1 - from) * w + sj) * cp;
+                        dst.copy_from_slice(&xb[src..src + cp]);
+                    }
+                }
+            }
+            let a = [SegmentBf16 { ptr: patches.as_ptr(), stride: patch, k: patch }];
+            // SAFETY: `patches` holds n rows of 9 cp values; `mixed` the tile's pixels.
+            unsafe {
+                matmul_bf16(n, &a, &b.partial, mixed[p0 * cp..].as_mut_ptr(), cp, Epilogue::Store)
+            };
+        }
+    });
+    SCRATCH_BF16.set(xb);
+}
 
 /// The partial convolution of global image rows `g` into `mixed` (rows x w pixels of cp
 /// channels), directly: a row's inner pixels read the input as nine shifted segments (taps
@@ -25,7 +93,6 @@ pub(super) fn partial_conv_direct(
     mixed: &mut [f32],
 ) {
     let (dim, cp) = (b.dim, b.cp);
-    let image_rows = x.len() / (dim * w);
     let edges: &[usize] = if w == 1 { &[0] } else { &[0, w - 1] };
     let edge_rows = g.len() * edges.len();
     let col = grow(col, edge_rows * 9 * cp);
@@ -33,34 +100,21 @@ pub(super) fn partial_conv_direct(
     // SAFETY: x and mixed never alias; the scratch tiles cover the tile's rows; a tap's segment
     // is skipped where its rows would leave the image.
     unsafe {
-        let bf16_from = g.start.saturating_sub(1);
-        let bf16_rows = (g.end + 1).min(image_rows) - bf16_from;
         // The rows in bf16, where the weights take bf16 segments.
-        let staged: Option<Vec<u16>> = (b.partial.takes_bf16_segments() && w > 2 && cp % 2 == 0)
-            .then(|| {
-                let mut xb = SCRATCH_BF16.take();
-                xb.resize(xb.len().max(bf16_rows * w * cp), 0);
-                to_bf16_rows(
-                    x.as_ptr().add(bf16_from * w * dim),
-                    dim,
-                    bf16_rows * w,
-                    cp,
-                    xb.as_mut_ptr(),
-                );
-                xb
-            });
+        let staged = (b.partial.takes_bf16_segments() && w > 2 && cp % 2 == 0)
+            .then(|| rows_bf16(x, (w, dim, cp), &g));
         for (t, row) in g.clone().enumerate() {
             let i = row % h;
             let outside = |di: usize| (i == 0 && di == 0) || (i == h - 1 && di == 2);
             let dst = mixed[(t * w + 1) * cp..].as_mut_ptr();
-            if let Some(xb) = staged.as_ref().filter(|_| w > 2) {
+            if let Some((xb, from)) = staged.as_ref().filter(|_| w > 2) {
                 let taps: [SegmentBf16; 9] = std::array::from_fn(|tap| {
                     let (di, dj) = (tap / 3, tap % 3);
                     if outside(di) {
                         SegmentBf16::zeros(cp)
                     } else {
                         SegmentBf16 {
-                            ptr: xb.as_ptr().add(((row + di - 1 - bf16_from) * w + dj) * cp),
+                            ptr: xb.as_ptr().add(((row + di - 1 - from) * w + dj) * cp),
                             stride: cp,
                             k: cp,
                         }
@@ -84,7 +138,7 @@ pub(super) fn partial_conv_direct(
             }
             im2col(x, h, w, dim, cp, row, edges, 3, &mut col[t * edges.len() * 9 * cp..]);
         }
-        if let Some(xb) = staged {
+        if let Some((xb, _)) = staged {
             SCRATCH_BF16.set(xb);
         }
         // The edge pixels of all the tile's rows in one product, then into place.

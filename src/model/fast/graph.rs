@@ -6,7 +6,7 @@ use fasternet_kernels::{
     grow, matmul, matmul_bf16, matmul_to_bf16, Activation, Epilogue, Segment, SegmentBf16,
 };
 
-use super::direct_conv::partial_conv_direct;
+use super::direct_conv::{partial_conv_direct, partial_conv_gathered};
 use super::pack::{Block, Dense};
 use super::profile::Layer;
 use super::schedule::{for_each_tile, tiles, Out, HIDDEN_BF16, SCRATCH};
@@ -228,6 +228,9 @@ impl FastEngine {
                 let mixed = grow(mixed, n * cp);
                 match winograd {
                     Some(winograd) => winograd.run(x, (h, w, dim), g.clone(), mixed),
+                    None if b.gather_patches => {
+                        partial_conv_gathered(b, x, (h, w), g.clone(), mixed)
+                    }
                     None => partial_conv_direct(b, x, (h, w), g.clone(), [col, edge_out], mixed),
                 }
                 let x_tile = x[g.start * w * dim..].as_ptr();

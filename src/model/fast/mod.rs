@@ -129,8 +129,10 @@ mod tests {
 
     /// `got` against `want` on T0 and T2 with two threads, so that every split runs: tiles
     /// shared by both threads (batch 1), whole images per thread plus a shared remainder
-    /// (batch 3), and only whole images (batch 4); 32x45 also gives 1-pixel-wide maps in the
-    /// last stage. Logits may differ by `tolerance` times their scale.
+    /// (batch 3), and only whole images (batch 4 and 2); 32x45 also gives 1-pixel-wide maps in
+    /// the last stage, 144x256 a thread's stage-3 tile of 144 pixels, more than one product of
+    /// gathered patches (`GATHERED_PATCH_PIXELS`). Logits may differ by `tolerance` times their
+    /// scale.
     fn engines_agree_for_every_split(got: Kernels, want: Kernels, tolerance: f32) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for variant in [Variant::T0, Variant::T2] {
@@ -140,7 +142,7 @@ mod tests {
                 FastEngine::with_kernels(&weights, got).unwrap(),
                 FastEngine::with_kernels(&weights, want).unwrap(),
             );
-            for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45)] {
+            for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45), (2, 144, 256)] {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
                 let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
                 let (out, expected) = pool.install(|| {

@@ -22,6 +22,9 @@ pub(super) struct Block {
     pub(super) hidden: usize,
     /// (9 cp) x cp, rows ordered (di, dj, channel)
     pub(super) partial: Weights,
+    /// Whether the partial convolution runs on gathered patches (`partial_conv_gathered`): on
+    /// AMX where a patch (9 cp values) is whole tile steps of 32, so the tiles read it in place.
+    pub(super) gather_patches: bool,
     /// The same convolution by Winograd's F(2x2, 3x3) (fp32 on our AVX-512 kernels, cp >= 24),
     /// used instead of `partial` unless a split between threads would be uneven (`block`).
     pub(super) winograd: Option<Winograd>,
@@ -78,6 +81,7 @@ impl FastEngine {
                 cp,
                 hidden,
                 partial: conv_nhwc_matrix(&b.partial_conv, kernels)?,
+                gather_patches: kernels.isa() == Isa::Amx && (9 * cp).is_multiple_of(32),
                 winograd,
                 // fc1 as one product over [partial conv output, untouched channels].
                 fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?, kernels)?,

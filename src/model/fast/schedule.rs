@@ -49,6 +49,8 @@ thread_local! {
     /// bf16 engines: the partial convolution's input channels of a tile and its
     /// neighbour rows.
     pub(super) static SCRATCH_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// bf16 engines on AMX: the partial convolution's gathered patches.
+    pub(super) static PATCHES_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// bf16 engines: a tile's hidden activations as fc1 writes them and fc2 reads them.
     pub(super) static HIDDEN_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
