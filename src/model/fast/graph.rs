@@ -1,24 +1,24 @@
 //! The network as a sequence of products: stem, stages of merges and blocks, head.
 
-use fasternet_kernels::blocking::{min_rows_for, GATHER_ABOVE_FLOATS};
+use fasternet_kernels::blocking::{min_rows_for, GATHER_ABOVE_FLOATS, HEAD_PART_COLUMNS};
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{
     grow, matmul, matmul_bf16, matmul_to_bf16, Activation, Epilogue, Segment, SegmentBf16,
 };
 
 use super::direct_conv::{partial_conv_direct, partial_conv_gathered};
-use super::pack::{Block, Dense};
+use super::pack::{Block, ColumnParts, Dense};
 use super::profile::Layer;
-use super::schedule::{for_each_tile, tiles, Out, HIDDEN_BF16, SCRATCH};
+use super::schedule::{for_each_tile, tiles, Out, Workers, HIDDEN_BF16, SCRATCH};
 use super::FastEngine;
 
 impl FastEngine {
-    /// The network on CHW images `input`, tiles spread over `threads` threads (1: this one).
+    /// The network on CHW images `input`, tiles run by `workers`.
     pub(super) fn forward_images(
         &self,
         input: &[&[f32]],
         (c, in_h, in_w): (usize, usize, usize),
-        threads: usize,
+        workers: Workers,
         features: &mut [f32],
         logits: &mut [f32],
     ) {
@@ -31,7 +31,7 @@ impl FastEngine {
         let mut rows = batch * h * w;
         let stem = &self.stem;
         // Running whole images of its own, this thread is one of the pool's threads at work.
-        let concurrent = if threads == 1 { rayon::current_num_threads() } else { 1 };
+        let concurrent = if workers.threads == 1 { rayon::current_num_threads() } else { 1 };
         let profile = &self.profile;
         profile.time(Layer::Stem, concurrent, || {
             self.strided_conv(
@@ -39,7 +39,7 @@ impl FastEngine {
                 batch * h,
                 w,
                 stem,
-                threads,
+                workers,
                 |row, list| {
                     let (b, i) = (row / h, row % h);
                     for ch in 0..c {
@@ -70,7 +70,7 @@ impl FastEngine {
                         batch * h,
                         w,
                         m,
-                        threads,
+                        workers,
                         |row, list| {
                             let (b, i) = (row / h, row % h);
                             for di in 0..2 {
@@ -93,14 +93,14 @@ impl FastEngine {
                         grow(next, rows * blk.dim),
                         h,
                         w,
-                        threads,
+                        workers,
                     );
                     std::mem::swap(&mut cur, &mut next);
                 }
             });
         }
         profile.time(Layer::Head, concurrent, || {
-            self.head(&cur[..rows * self.head.w.k], batch, h * w, features, logits)
+            self.head(&cur[..rows * self.head.k], batch, h * w, features, logits, workers)
         });
         self.buffers.lock().unwrap_or_else(|e| e.into_inner()).push([a, b]);
     }
@@ -113,24 +113,25 @@ impl FastEngine {
     /// than L2 are fetched from L3 again by every product, which per row means once per few
     /// pixels (T2's last merge: 4.7 MB for 7); such convolutions copy a tile's patches into
     /// one matrix (k floats per pixel, against k n multiply-adds) for one product per tile, and
-    /// a thread running its own images takes tiles of at least as many floats as the weights,
-    /// as the blocks do.
+    /// take tiles of at least as many floats as the weights, or an equal share of the rows
+    /// where threads share them, as the blocks do.
     fn strided_conv(
         &self,
         out: &mut [f32],
         image_rows: usize,
         w_out: usize,
         d: &Dense,
-        threads: usize,
+        workers: Workers,
         segments: impl Fn(usize, &mut Vec<Segment>) + Sync,
     ) {
         let (k, n) = (d.w.k, d.w.n);
         let out_ptr = Out(out.as_mut_ptr());
         let gather = k * n > GATHER_ABOVE_FLOATS;
         let row_floats = w_out * (k + n);
-        let min_rows = if gather && threads == 1 { (k * n).div_ceil(row_floats) } else { 1 }
+        let min_rows = if gather { (k * n).div_ceil(row_floats) } else { 1 }
+            .min(image_rows / workers.threads)
             .max(min_rows_for(w_out));
-        for_each_tile(threads, tiles(image_rows, row_floats, min_rows, threads), |g| {
+        for_each_tile(workers, tiles(image_rows, row_floats, min_rows, workers.threads), |g| {
             let mut list = Vec::new();
             if !gather {
                 for row in g {
@@ -193,7 +194,7 @@ impl FastEngine {
     /// cp channels; fc1 reads that and the untouched input channels as two segments of one
     /// product (nothing is concatenated); bias + activation are fc1's epilogue and the
     /// residual add is fc2's.
-    fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize, threads: usize) {
+    fn block(&self, b: &Block, x: &[f32], out: &mut [f32], h: usize, w: usize, workers: Workers) {
         let (dim, cp) = (b.dim, b.cp);
         let images = x.len() / (dim * h * w);
         let out_ptr = Out(out.as_mut_ptr());
@@ -205,23 +206,29 @@ impl FastEngine {
         // then hold unequal work (batch 1 of T0: 14 rows are 7 pairs, split 3 + 4), the direct
         // convolution's single rows split evenly.
         let winograd = b.winograd.as_ref().filter(|_| {
-            threads == 1 || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(threads)
+            workers.threads == 1
+                || (images * h.div_ceil(winograd::ROWS)).is_multiple_of(workers.threads)
         });
-        // A thread running its own images takes, per tile, at least as many floats of rows as
-        // the block has weights: in late stages (T2's last: 10.8 MB of weights, 7-pixel rows)
-        // the weights outgrow L2 and are fetched again from L3 for every tile. Tiles shared
-        // by several threads stay small, for balance.
+        // Each tile reads all of the block's weights: in late stages (T2's last: 10.8 MB of
+        // weights, 7-pixel rows) they outgrow L2 and are fetched again from L3 for every tile.
+        // So a tile takes at least as many floats of rows as the block has weights, or, where
+        // the threads share the rows, an equal share of them (T2 at batch 1: two tiles of
+        // stage 3's 14 rows, not four).
         let partial = winograd.map_or(b.partial.k * b.partial.n, Winograd::weight_floats);
         let weights = partial + b.fc1.k * b.fc1.n + b.fc2.k * b.fc2.n;
         let min_rows =
-            if threads == 1 { weights.div_ceil(row_floats) } else { 1 }.max(min_rows_for(w));
+            weights.div_ceil(row_floats).min(images * h / workers.threads).max(min_rows_for(w));
         // Tiles are made of groups of whole image rows: pairs for Winograd's 2x2 output blocks.
         let group = if winograd.is_some() { winograd::ROWS } else { 1 };
         let groups_per_image = h.div_ceil(group);
         let first_row = |g: usize| g / groups_per_image * h + g % groups_per_image * group;
-        let tiles =
-            tiles(images * groups_per_image, group * row_floats, min_rows.div_ceil(group), threads);
-        for_each_tile(threads, tiles, |groups| {
+        let tiles = tiles(
+            images * groups_per_image,
+            group * row_floats,
+            min_rows.div_ceil(group),
+            workers.threads,
+        );
+        for_each_tile(workers, tiles, |groups| {
             let g = first_row(groups.start)..first_row(groups.end);
             SCRATCH.with_borrow_mut(|[col, edge_out, mixed, hidden]| {
                 let n = g.len() * w;
@@ -276,6 +283,7 @@ impl FastEngine {
         pixels: usize,
         features: &mut [f32],
         logits: &mut [f32],
+        workers: Workers,
     ) {
         let c = x.len() / (batch * pixels);
         let mut pooled = vec![0f32; batch * c];
@@ -285,26 +293,31 @@ impl FastEngine {
             }
             p.iter_mut().for_each(|s| *s /= pixels as f32);
         }
-        let (f, k) = (self.head.w.n, self.classifier.w.n);
-        // SAFETY: the buffers hold `batch` rows of the stated widths.
-        unsafe {
-            matmul(
-                batch,
-                &[Segment { ptr: pooled.as_ptr(), stride: c, k: c }],
-                &self.head.w,
-                features.as_mut_ptr(),
-                f,
-                Epilogue::Bias(&self.head.bias, Some(self.act)),
-            );
-            let a = [Segment { ptr: features.as_ptr(), stride: f, k: f }];
-            matmul(
-                batch,
-                &a,
-                &self.classifier.w,
-                logits.as_mut_ptr(),
-                k,
-                Epilogue::Bias(&self.classifier.bias, None),
-            );
-        }
+        dense_by_columns(&self.head, &pooled, features, Some(self.act), workers);
+        dense_by_columns(&self.classifier, features, logits, None, workers);
     }
+}
+
+/// `out` = `a` @ `d` + bias, then `act`: each part of `d`'s columns one task of `workers`.
+fn dense_by_columns(
+    d: &ColumnParts,
+    a: &[f32],
+    out: &mut [f32],
+    act: Option<Activation>,
+    workers: Workers,
+) {
+    let rows = a.len() / d.k;
+    assert_eq!(out.len(), rows * d.n, "output shape");
+    let out = Out(out.as_mut_ptr());
+    let parts = (0..d.parts.len()).map(|p| p..p + 1).collect();
+    for_each_tile(workers, parts, |p| {
+        let part = &d.parts[p.start];
+        let a = [Segment { ptr: a.as_ptr(), stride: d.k, k: d.k }];
+        // SAFETY: `a` holds `rows` rows of k; part p writes its columns, from
+        // p * HEAD_PART_COLUMNS on, of `rows` rows of n, disjoint from every other part's.
+        unsafe {
+            let dst = out.at(p.start * HEAD_PART_COLUMNS);
+            matmul(rows, &a, &part.w, dst, d.n, Epilogue::Bias(&part.bias, act));
+        }
+    });
 }

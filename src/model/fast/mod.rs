@@ -10,9 +10,10 @@
 //!   whose windows reach into the padding, gathered) into a cp-wide scratch tile; fc1 reads
 //!   that and the untouched channels as two segments, with bias + activation as its
 //!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
-//! - With at least as many images as threads, each thread runs whole images on its own;
-//!   otherwise tiles run on rayon's pool. Either way there is one level of parallelism and
-//!   each product is single-threaded.
+//! - With at least as many images as threads, each thread of rayon's pool runs whole images
+//!   on its own; otherwise the calling thread and a team of helpers (`team.rs`) share each
+//!   layer's tiles. Either way there is one level of parallelism and each product is
+//!   single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
 //!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32. A block's
@@ -20,9 +21,10 @@
 //!   bf16; everything else between layers stays fp32.
 //!
 //! Where things are: `pack.rs` lays the folded weights out for the kernels, `schedule.rs`
-//! splits the work into tiles and threads, `graph.rs` is the network as a sequence of those
-//! products, `direct_conv.rs` the partial convolution without Winograd, `profile.rs` the time
-//! per layer group that `bench --profile` prints. The kernels themselves, the CPU detection
+//! splits the work into tiles and threads, `team.rs` runs shared tiles on the calling thread
+//! and its helpers, `graph.rs` is the network as a sequence of those products,
+//! `direct_conv.rs` the partial convolution without Winograd, `profile.rs` the time per layer
+//! group that `bench --profile` prints. The kernels themselves, the CPU detection
 //! they dispatch on and the blocking constants are the `fasternet-kernels` crate
 //! (`crates/kernels`).
 
@@ -33,6 +35,7 @@ mod graph;
 mod pack;
 mod profile;
 mod schedule;
+mod team;
 
 use std::sync::Mutex;
 
@@ -43,8 +46,9 @@ use fasternet_kernels::{Activation, Kernels};
 
 use super::weights::FasterNetWeights;
 use super::{ModelError, ModelOutput};
-use pack::{Dense, Stage};
+use pack::{ColumnParts, Dense, Stage};
 pub use profile::LayerProfile;
+use team::Team;
 
 impl From<super::Activation> for Activation {
     fn from(act: super::Activation) -> Self {
@@ -62,10 +66,13 @@ pub struct FastEngine {
     stem: Dense,
     stages: Vec<Stage>,
     /// dim3 x feature_dim, no bias (zeros)
-    head: Dense,
-    classifier: Dense,
+    head: ColumnParts,
+    classifier: ColumnParts,
     /// Ping-pong activation buffers, one pair per concurrent pass, kept between calls.
     buffers: Mutex<Vec<[Vec<f32>; 2]>>,
+    /// The helper threads that share the tiles of a batch smaller than the thread count,
+    /// started by the first such pass.
+    team: Mutex<Option<Team>>,
     profile: LayerProfile,
 }
 

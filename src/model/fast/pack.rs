@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
+use fasternet_kernels::blocking::HEAD_PART_COLUMNS;
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{Isa, Kernels, Weights};
 
@@ -14,6 +15,34 @@ use crate::model::ModelError;
 pub(super) struct Dense {
     pub(super) w: Weights,
     pub(super) bias: Vec<f32>,
+}
+
+/// A dense layer cut into parts of `HEAD_PART_COLUMNS` output columns, so that threads can
+/// share its product where there are fewer rows (images) than threads.
+pub(super) struct ColumnParts {
+    pub(super) k: usize,
+    pub(super) n: usize,
+    pub(super) parts: Vec<Dense>,
+}
+
+impl ColumnParts {
+    /// `w`: (out, in, ...) as `transpose` takes it.
+    fn new(w: &Tensor, bias: Vec<f32>, kernels: Kernels) -> Result<Self, ModelError> {
+        let w = w.flatten_from(1)?;
+        let (n, k) = w.dims2()?;
+        let parts = (0..n)
+            .step_by(HEAD_PART_COLUMNS)
+            .map(|j0| {
+                let j1 = (j0 + HEAD_PART_COLUMNS).min(n);
+                let part = to_vec(&w.narrow(0, j0, j1 - j0)?.t()?.contiguous()?)?;
+                Ok(Dense {
+                    w: Weights::new(k, j1 - j0, part, kernels),
+                    bias: bias[j0..j1].to_vec(),
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Self { k, n, parts })
+    }
 }
 
 pub(super) struct Block {
@@ -105,12 +134,14 @@ impl FastEngine {
             act: w.config.act.into(),
             stem: dense(&w.stem, false, kernels.fp32())?,
             stages,
-            head: Dense { w: transpose(&w.conv_head, kernels)?, bias: vec![0.0; features] },
-            classifier: Dense {
-                w: transpose(&w.classifier_weight, kernels)?,
-                bias: to_vec(&w.classifier_bias)?,
-            },
+            head: ColumnParts::new(&w.conv_head, vec![0.0; features], kernels)?,
+            classifier: ColumnParts::new(
+                &w.classifier_weight,
+                to_vec(&w.classifier_bias)?,
+                kernels,
+            )?,
             buffers: Mutex::new(Vec::new()),
+            team: Mutex::new(None),
             profile: LayerProfile::default(),
         })
     }

@@ -3,12 +3,14 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::TryLockError;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use fasternet_kernels::blocking::TILE_FLOATS;
 
+use super::team::Team;
 use super::FastEngine;
 use crate::model::{ModelError, ModelOutput};
 
@@ -29,16 +31,28 @@ pub(super) fn tiles(
     (0..count).map(|i| i * rows / count..(i + 1) * rows / count).collect()
 }
 
-/// Runs `f` on every tile: on rayon's pool when the tiles are for several threads.
+/// Who runs a pass's tiles: this thread alone (`threads` 1), or `threads` threads sharing
+/// them: a team, or rayon's pool when the team is busy with another pass.
+#[derive(Clone, Copy)]
+pub(super) struct Workers<'a> {
+    pub(super) threads: usize,
+    pub(super) team: Option<&'a Team>,
+}
+
+impl Workers<'_> {
+    pub(super) const ONE: Self = Self { threads: 1, team: None };
+}
+
+/// Runs `f` on every tile, on the threads of `workers`.
 pub(super) fn for_each_tile(
-    threads: usize,
+    workers: Workers,
     tiles: Vec<Range<usize>>,
     f: impl Fn(Range<usize>) + Sync + Send,
 ) {
-    if threads > 1 {
-        tiles.into_par_iter().for_each(f)
-    } else {
-        tiles.into_iter().for_each(f)
+    match workers.team {
+        Some(team) => team.for_each(tiles.len(), &|i| f(tiles[i].clone())),
+        None if workers.threads > 1 => tiles.into_par_iter().for_each(f),
+        None => tiles.into_iter().for_each(f),
     }
 }
 
@@ -85,7 +99,7 @@ impl FastEngine {
         (c, in_h, in_w): (usize, usize, usize),
     ) -> Result<ModelOutput, ModelError> {
         let batch = images.len();
-        let (f, k) = (self.head.w.n, self.classifier.w.n);
+        let (f, k) = (self.head.n, self.classifier.n);
         let mut features = vec![0f32; batch * f];
         let mut logits = vec![0f32; batch * k];
         let threads = rayon::current_num_threads().max(1);
@@ -99,17 +113,32 @@ impl FastEngine {
                 .zip(features_own.par_chunks_mut(per_thread * f))
                 .zip(logits_own.par_chunks_mut(per_thread * k))
                 .for_each(|((x, features), logits)| {
-                    self.forward_images(x, (c, in_h, in_w), 1, features, logits)
+                    self.forward_images(x, (c, in_h, in_w), Workers::ONE, features, logits)
                 });
         }
         if own < batch {
-            self.forward_images(
-                &images[own..],
-                (c, in_h, in_w),
-                threads,
-                features_shared,
-                logits_shared,
-            );
+            let mut shared = |workers: Workers<'_>| {
+                self.forward_images(
+                    &images[own..],
+                    (c, in_h, in_w),
+                    workers,
+                    features_shared,
+                    logits_shared,
+                )
+            };
+            let team = match self.team.try_lock() {
+                Ok(team) => Some(team),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            match team {
+                Some(mut team) if threads > 1 => {
+                    let kept = team.take().filter(|t| t.threads() == threads);
+                    let team = team.insert(kept.unwrap_or_else(|| Team::new(threads - 1)));
+                    team.pass(|team| shared(Workers { threads, team: Some(team) }));
+                }
+                _ => shared(Workers { threads, team: None }),
+            }
         }
         Ok(ModelOutput {
             logits: Tensor::from_vec(logits, (batch, k), &Device::Cpu)?,
