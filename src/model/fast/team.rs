@@ -190,6 +190,34 @@ mod tests {
         assert_eq!(threads_seen.lock().unwrap().len(), 3, "a helper never took a task");
     }
 
+    /// Spinning between passes would take a core from the service's other threads while it
+    /// waits for requests (driving rayon's pool from inside it halved one client's
+    /// requests/s that way).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn helpers_take_no_cpu_between_passes() {
+        use std::os::unix::thread::JoinHandleExt;
+        use std::time::Duration;
+        let cpu_time = |helper: &JoinHandle<()>| {
+            let mut clock = 0;
+            let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: the thread is alive (the team joins it only when dropped); both calls
+            // write only to the locals passed.
+            unsafe {
+                assert_eq!(libc::pthread_getcpuclockid(helper.as_pthread_t(), &mut clock), 0);
+                assert_eq!(libc::clock_gettime(clock, &mut t), 0);
+            }
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let mut team = Team::new(1);
+        team.pass(|team| team.for_each(8, &|_| thread::sleep(Duration::from_millis(1))));
+        thread::sleep(Duration::from_millis(20));
+        let before = cpu_time(&team.helpers[0]);
+        thread::sleep(Duration::from_millis(300));
+        let spent = cpu_time(&team.helpers[0]) - before;
+        assert!(spent < Duration::from_millis(30), "the helper ran {spent:?} in 300 ms idle");
+    }
+
     #[test]
     fn a_panicking_task_is_raised_by_the_caller_and_the_team_still_works() {
         let mut team = Team::new(1);
