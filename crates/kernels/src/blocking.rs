@@ -31,7 +31,7 @@ pub const GATHERED_PATCH_PIXELS: usize = 128;
 
 /// Output columns per part of the head and the classifier, which threads share when the batch
 /// is smaller than the thread count: at batch 1 they are one row of products streaming 7.7 MB
-/// of fp32 weights (ImageNet), which one thread alone takes 5-9% of a T0 pass to read. 128
+/// of fp32 weights (ImageNet), which one thread alone would read while the others wait. 128
 /// columns cut ImageNet's 1280 features and 1000 classes into 10 and 8 parts that two threads
 /// share evenly, and are whole register tiles (8 vectors) and AMX tiles (16 columns).
 pub const HEAD_PART_COLUMNS: usize = 128;

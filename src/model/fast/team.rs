@@ -190,9 +190,8 @@ mod tests {
         assert_eq!(threads_seen.lock().unwrap().len(), 3, "a helper never took a task");
     }
 
-    /// Spinning between passes would take a core from the service's other threads while it
-    /// waits for requests (driving rayon's pool from inside it halved one client's
-    /// requests/s that way).
+    /// Spinning between passes would take a core from the service's other threads (decoding,
+    /// HTTP, the inference thread itself) while it waits for requests.
     #[cfg(target_os = "linux")]
     #[test]
     fn helpers_take_no_cpu_between_passes() {
