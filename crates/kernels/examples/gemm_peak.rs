@@ -1,5 +1,7 @@
 //! The fp32 FLOP ceiling the fast engine works against: a large single-threaded GEMM through
-//! the same `gemm` crate and kernels, then the same on every thread (one GEMM per thread).
+//! the `gemm` crate, then the same on every thread (one GEMM per thread); and this CPU's
+//! microkernel (`Kernels::detect`) on a product shaped like one of the engine's tiles of fc1
+//! (96 rows, 320 x 320 weights: its operands in L2), the same ways.
 //!
 //!     cargo run --release -p fasternet-kernels --example gemm_peak [-- THREADS]
 
@@ -32,24 +34,53 @@ fn gflops(threads: usize) -> f64 {
             gemm::Parallelism::None,
         )
     };
-    let reps = 20;
+    let flops = 2 * N * N * N;
+    rate(threads, flops, 20, N * N, run)
+}
+
+/// GFLOP/s of `run` (`flops` each) called `reps` times on each of `threads` threads, each with
+/// its own output of `out` floats.
+fn rate(
+    threads: usize,
+    flops: usize,
+    reps: usize,
+    out: usize,
+    run: impl Fn(&mut [f32]) + Sync,
+) -> f64 {
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
-                let mut dst = vec![0f32; N * N];
+                let mut dst = vec![0f32; out];
                 for _ in 0..reps {
                     run(&mut dst);
                 }
             });
         }
     });
-    (2 * N * N * N * reps * threads) as f64 / start.elapsed().as_secs_f64() / 1e9
+    (flops * reps * threads) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn microkernel_gflops(threads: usize) -> f64 {
+    use fasternet_kernels::{matmul, Epilogue, Kernels, Segment, Weights};
+    const M: usize = 96;
+    const K: usize = 320;
+    let w = Weights::new(K, K, vec![0.5; K * K], Kernels::detect());
+    let a = vec![1.0f32; M * K];
+    let run = |dst: &mut [f32]| {
+        let segments = [Segment { ptr: a.as_ptr(), stride: K, k: K }];
+        // SAFETY: a holds M x K floats and dst M x K, row stride K.
+        unsafe { matmul(M, &segments, &w, dst.as_mut_ptr(), K, Epilogue::Store) }
+    };
+    rate(threads, 2 * M * K * K, 2000, M * K, run)
 }
 
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|t| t.parse().ok()).unwrap_or(2);
     gflops(1); // warm-up
-    println!("1 thread: {:.0} GFLOP/s", gflops(1));
-    println!("{threads} threads: {:.0} GFLOP/s", gflops(threads));
+    println!("gemm crate, 1 thread: {:.0} GFLOP/s", gflops(1));
+    println!("gemm crate, {threads} threads: {:.0} GFLOP/s", gflops(threads));
+    let name = fasternet_kernels::Kernels::detect().name();
+    println!("{name} microkernel, 1 thread: {:.0} GFLOP/s", microkernel_gflops(1));
+    println!("{name} microkernel, {threads} threads: {:.0} GFLOP/s", microkernel_gflops(threads));
 }

@@ -13,7 +13,8 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use crate::gemm::{avx512, Dst, Epilogue, Segment, SegmentBf16, Weights};
+use crate::avx512;
+use crate::gemm::{Dst, Epilogue, Segment, SegmentBf16, Weights};
 
 /// Values of k per tile step (a tile row is 64 bytes of bf16) and rows or columns per tile.
 const K_STEP: usize = 32;

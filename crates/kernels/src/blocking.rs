@@ -2,10 +2,16 @@
 //! gather sizes are the engine's (`tiles`, `strided_conv`); the register tiles are the
 //! microkernel's.
 
+use crate::cpu::{Isa, Kernels};
+
 /// Most rows of a register tile of the AVX-512 microkernel, by its width in vectors (1, 2, 3):
 /// R x NV accumulators, the NV weight vectors and a broadcast must fit the 32 zmm registers
 /// (12 x 2 + 2 + 1 = 27, 9 x 3 + 3 + 1 = 31). AMX's tiles are fixed by the hardware (16 x 32).
 pub const MAX_TILE_ROWS: [usize; 3] = [12, 12, 9];
+
+/// The same for the AVX2 microkernel, by its width in vectors of 8 (1, 2), within 16 ymm
+/// registers: 6 x 2 + 2 + 1 = 15, 12 x 1 + 1 + 1 = 14.
+pub const MAX_TILE_ROWS_AVX2: [usize; 2] = [12, 6];
 
 /// A tile's working set (its input rows, scratch and output rows) in floats: 384 KiB, which
 /// stays in a 1-2 MiB L2 beside the weights streaming through.
@@ -13,7 +19,7 @@ pub const TILE_FLOATS: usize = 96 * 1024;
 
 /// A strided convolution (stem, merges) whose weights exceed this many floats (1 MiB) would
 /// fetch them from L3 again for every output row's product; it gathers a tile's patches into
-/// one product instead.
+/// one product instead (`gathers_patches`).
 pub const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
 
 /// Fewest output pixels per product: with fewer, the register tiles run mostly empty.
@@ -35,6 +41,15 @@ pub const GATHERED_PATCH_PIXELS: usize = 128;
 /// columns cut ImageNet's 1280 features and 1000 classes into 10 and 8 parts that two threads
 /// share evenly, and are whole register tiles (8 vectors) and AMX tiles (16 columns).
 pub const HEAD_PART_COLUMNS: usize = 128;
+
+/// Whether a strided convolution with `weight_floats` of weights gathers a tile's patches
+/// into one product, rather than multiplying each output row's patches where they lie: above
+/// `GATHER_ABOVE_FLOATS`, and always with the AVX2 kernels, where the per-row products' short
+/// segments (the stem's 12 values, a merge's two taps of 2 c) and part-filled row tiles cost
+/// more than the copy (measured: T0 and T1 3-5% faster at batch 1 and 8, T2 level).
+pub fn gathers_patches(kernels: Kernels, weight_floats: usize) -> bool {
+    kernels.isa() == Isa::Avx2 || weight_floats > GATHER_ABOVE_FLOATS
+}
 
 /// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
 pub fn min_rows_for(width: usize) -> usize {

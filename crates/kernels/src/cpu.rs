@@ -18,8 +18,8 @@ pub enum Isa {
     Portable,
 }
 
-/// Which kernels run, as a token: only [`Kernels::detect`], [`Kernels::detect_bf16`],
-/// [`Kernels::all_bf16`] and [`Kernels::portable`] make one, so holding a `Kernels` means this CPU runs its
+/// Which kernels run, as a token: only [`Kernels::detect`], [`Kernels::all_fp32`],
+/// [`Kernels::detect_bf16`], [`Kernels::all_bf16`] and [`Kernels::portable`] make one, so holding a `Kernels` means this CPU runs its
 /// instructions. Code that executes `target_feature` functions relies on that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels(Isa);
@@ -27,17 +27,25 @@ pub struct Kernels(Isa);
 impl Kernels {
     /// The fastest fp32 kernels this CPU runs.
     pub fn detect() -> Self {
+        Self::all_fp32()[0]
+    }
+
+    /// Every fp32 kernel set this CPU runs, fastest first, for tests: on an AVX-512 CPU the
+    /// AVX2 one as well, and the portable one last.
+    pub fn all_fp32() -> Vec<Self> {
+        let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma") {
-                return Self(Isa::Avx512);
+                all.push(Self(Isa::Avx512));
             }
             if has!("avx2") && has!("fma") {
-                return Self(Isa::Avx2);
+                all.push(Self(Isa::Avx2));
             }
         }
-        Self(Isa::Portable)
+        all.push(Self(Isa::Portable));
+        all
     }
 
     /// bf16 kernels, where the CPU has them: AMX tiles where it has those too (and the OS
@@ -112,7 +120,7 @@ impl Kernels {
             Isa::Avx512 => "AVX-512",
             Isa::Avx512Bf16 => "AVX512-BF16",
             Isa::Amx => "AMX bf16 tiles",
-            Isa::Avx2 => "AVX2 (gemm crate)",
+            Isa::Avx2 => "AVX2",
             Isa::Portable => "portable (gemm crate)",
         }
     }

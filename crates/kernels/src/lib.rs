@@ -4,8 +4,9 @@
 //! - [`Kernels`] (`cpu.rs`) is the one detection of the CPU's features: a token that only
 //!   `detect()` and `detect_bf16()` make, and that every dispatch below takes.
 //! - [`Weights`], [`matmul`], [`matmul_bf16`] and [`matmul_to_bf16`] (`gemm.rs`): the packed
-//!   layouts and our AVX-512 microkernel (fp32 or AVX512-BF16 operands and results), or the
-//!   `gemm` crate on any CPU.
+//!   layouts and the dispatch to our microkernels, or to the `gemm` crate on any CPU.
+//! - `avx512.rs`: the AVX-512 microkernel, on fp32 or AVX512-BF16 operands.
+//! - `avx2.rs`: the same design on AVX2 and FMA, fp32 only.
 //! - `amx.rs`: the same products on AMX tiles.
 //! - [`Winograd`] (`winograd.rs`): the 3x3 convolution by F(2x2, 3x3).
 //! - `loops.rs`: the portable path's epilogue, the erf approximation, patch gathering.
@@ -14,11 +15,15 @@
 //! Every `unsafe fn` states its contract under `# Safety` and every `unsafe` block why it
 //! holds (the crate's lints deny both omissions). The tests compare each kernel set this CPU
 //! runs with the portable one; `.ci/run` also runs them under valgrind, where the CPU appears
-//! without AVX-512, so that the portable path is checked for memory errors (Miri needs a
-//! nightly toolchain and cannot run the SIMD intrinsics).
+//! without AVX-512, so that the AVX2 and portable paths are checked for memory errors (Miri
+//! needs a nightly toolchain and cannot run the SIMD intrinsics).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod blocking;
 mod cpu;
 mod gemm;

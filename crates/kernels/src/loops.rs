@@ -1,12 +1,9 @@
 //! The small loops around the products: the `gemm` crate call of the portable path, bias +
 //! activation epilogues for it, and the patch gathering (im2col) of the partial convolution's
-//! edge pixels. NHWC activations, rows = pixels.
-//!
-//! The element-wise loops are written plainly and compiled three times (AVX-512, AVX2+FMA,
-//! baseline); the engine's `Kernels` picks one, so one binary runs on any x86-64 and uses the
-//! widest vectors the CPU has; other architectures get the portable build.
+//! edge pixels. NHWC activations, rows = pixels. The x86-64 microkernels apply their
+//! epilogues in registers (`avx2.rs`, `avx512.rs`), so the loops here run only on CPUs
+//! without AVX2, and in the tests as the reference.
 
-use crate::cpu::{Isa, Kernels};
 use crate::Activation;
 
 /// dst (m x n, row stride dst_rs) = [dst +] lhs (m x k, row stride lhs_rs) @ rhs (k x n, row-major).
@@ -55,7 +52,7 @@ pub unsafe fn matmul(
     }
 }
 
-/// a * b + c, fused where the CPU can (the callers are compiled with FMA enabled on x86).
+/// a * b + c, rounded once.
 #[inline(always)]
 fn fma(a: f32, b: f32, c: f32) -> f32 {
     a.mul_add(b, c)
@@ -63,8 +60,8 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 
 /// erf(x / sqrt 2) = c P(c^2) / Q(c^2) with c = x clamped to +-ERF_CLAMP (where erf is +-1 in
 /// f32): the rational approximation of Eigen's and XLA's float erf (|error| <= 5e-7), with the
-/// 1 / sqrt 2 folded into the coefficients (lowest degree first). Shared with the AVX-512
-/// epilogue (`gemm::avx512::gelu`).
+/// 1 / sqrt 2 folded into the coefficients (lowest degree first). Shared with the
+/// microkernels' epilogues (`avx512::gelu`, `avx2::gelu`).
 pub(crate) const ERF_CLAMP: f32 = 5.656_854;
 pub(crate) const ERF_NUM: [f32; 7] = [
     -1.138_161_4e-2,
@@ -89,8 +86,9 @@ fn gelu(x: f32) -> f32 {
     fma(half_x, c * p / q, half_x)
 }
 
-#[inline(always)]
-fn bias_act_generic(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
+/// Adds `bias` to every row of `data` (rows of `bias.len()`), then applies `act`: the
+/// portable kernels' epilogue.
+pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     for row in data.chunks_exact_mut(bias.len()) {
         match act {
             Some(Activation::Gelu) => row.iter_mut().zip(bias).for_each(|(v, b)| *v = gelu(*v + b)),
@@ -100,37 +98,6 @@ fn bias_act_generic(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
             None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,fma")]
-unsafe fn bias_act_avx512(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
-    bias_act_generic(data, bias, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bias_act_avx2(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
-    bias_act_generic(data, bias, act)
-}
-
-/// Adds `bias` to every row of `data` (rows of `bias.len()`), then applies `act`, in the
-/// widest vectors `kernels` allow.
-pub fn bias_act(kernels: Kernels, data: &mut [f32], bias: &[f32], act: Option<Activation>) {
-    #[cfg(target_arch = "x86_64")]
-    match kernels.isa() {
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
-            // SAFETY: the token comes from `Kernels::detect`, which found AVX-512 (F, DQ,
-            // VL) and FMA.
-            return unsafe { bias_act_avx512(data, bias, act) };
-        }
-        Isa::Avx2 => {
-            // SAFETY: `Kernels::detect` found AVX2 and FMA.
-            return unsafe { bias_act_avx2(data, bias, act) };
-        }
-        Isa::Portable => {}
-    }
-    bias_act_generic(data, bias, act)
 }
 
 /// size x size patches of the first `cp` channels of an NHWC map with `c` channels (`h` x `w`
@@ -179,16 +146,12 @@ mod tests {
             worst = worst.max((got - want).abs() / want.abs().max(1.0));
         }
         assert!(worst < 1e-6, "worst error {worst:e}");
-        for kernels in [Kernels::detect(), Kernels::portable()] {
-            let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
-            bias_act(kernels, &mut v, &[0.0, 1.0], Some(Activation::Gelu));
-            assert!(
-                (v[1] - 0.841_344_7).abs() < 1e-6
-                    && (v[3] - 1.954_5).abs() < 1e-3
-                    && v[0].abs() < 0.01,
-                "{kernels:?}: {v:?}"
-            );
-        }
+        let mut v = vec![-3.0f32, 0.0, 0.5, 1.0];
+        bias_act(&mut v, &[0.0, 1.0], Some(Activation::Gelu));
+        assert!(
+            (v[1] - 0.841_344_7).abs() < 1e-6 && (v[3] - 1.954_5).abs() < 1e-3 && v[0].abs() < 0.01,
+            "{v:?}"
+        );
     }
 
     /// erf in f64 by its Taylor series, accurate to ~1e-8 up to |x| = 4.5 (its largest term,

@@ -224,7 +224,7 @@ mod tests {
         let value =
             |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 1999) as f32 / 1000.0 - 1.0;
         let g: Vec<f32> = (0..cp * cp * 9).map(|i| value(i, 1)).collect();
-        for kernels in [Kernels::detect(), Kernels::portable()] {
+        for kernels in Kernels::all_fp32() {
             let winograd = Winograd::new(&g, cp, kernels);
             for (h, w) in [(1, 1), (1, 5), (5, 1), (6, 7), (7, 7), (4, 4), (9, 2), (20, 19)] {
                 let x: Vec<f32> = (0..images * h * w * dim).map(|i| value(i, h * 10 + w)).collect();

@@ -1,6 +1,6 @@
 //! The network as a sequence of products: stem, stages of merges and blocks, head.
 
-use fasternet_kernels::blocking::{min_rows_for, GATHER_ABOVE_FLOATS, HEAD_PART_COLUMNS};
+use fasternet_kernels::blocking::{gathers_patches, min_rows_for, HEAD_PART_COLUMNS};
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{
     grow, matmul, matmul_bf16, matmul_to_bf16, Activation, Epilogue, Segment, SegmentBf16,
@@ -126,7 +126,7 @@ impl FastEngine {
     ) {
         let (k, n) = (d.w.k, d.w.n);
         let out_ptr = Out(out.as_mut_ptr());
-        let gather = k * n > GATHER_ABOVE_FLOATS;
+        let gather = gathers_patches(self.kernels, k * n);
         let row_floats = w_out * (k + n);
         let min_rows = if gather { (k * n).div_ceil(row_floats) } else { 1 }
             .min(image_rows / workers.threads)

@@ -171,10 +171,13 @@ mod tests {
         }
     }
 
-    /// This CPU's fp32 kernels (the AVX-512 microkernel where present) against the portable ones.
+    /// Every fp32 kernel set this CPU runs (the AVX-512 and AVX2 microkernels where present)
+    /// against the portable ones.
     #[test]
     fn portable_and_detected_kernels_agree_for_every_split() {
-        engines_agree_for_every_split(Kernels::detect(), Kernels::portable(), 1e-4);
+        for kernels in Kernels::all_fp32() {
+            engines_agree_for_every_split(kernels, Kernels::portable(), 1e-4);
+        }
     }
 
     /// Every bf16 kernel set this CPU runs against fp32, within bf16's error (3% of the
