@@ -19,8 +19,9 @@ pub enum Isa {
 }
 
 /// Which kernels run, as a token: only [`Kernels::detect`], [`Kernels::all_fp32`],
-/// [`Kernels::detect_bf16`], [`Kernels::all_bf16`] and [`Kernels::portable`] make one, so holding a `Kernels` means this CPU runs its
-/// instructions. Code that executes `target_feature` functions relies on that.
+/// [`Kernels::detect_bf16`], [`Kernels::all_bf16`] and [`Kernels::portable`] make one, so
+/// holding a `Kernels` means this CPU runs its instructions. Code that executes
+/// `target_feature` functions relies on that.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kernels(Isa);
 

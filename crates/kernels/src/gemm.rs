@@ -109,11 +109,11 @@ impl Weights {
         {
             let at = |i: usize, j: usize| if i < k && j < n { row_major[i * n + j] } else { 0.0 };
             // (first column, width) of each panel, for panels of `vectors` x `lanes` columns.
-            let panels = |vectors: &mut dyn Iterator<Item = usize>, lanes: usize| {
+            fn panels(vectors: impl Iterator<Item = usize>, lanes: usize) -> Vec<(usize, usize)> {
                 vectors
                     .scan(0, |j0, v| Some((std::mem::replace(j0, *j0 + lanes * v), lanes * v)))
-                    .collect::<Vec<_>>()
-            };
+                    .collect()
+            }
             let fp32_panels = |panels: Vec<(usize, usize)>| {
                 let mut data = Vec::with_capacity(k * panels.iter().map(|p| p.1).sum::<usize>());
                 for (j0, width) in panels {
@@ -125,15 +125,11 @@ impl Weights {
             };
             let data = match kernels.isa() {
                 Isa::Portable => Layout::RowMajor(row_major),
-                Isa::Avx2 => {
-                    Layout::PanelsAvx2(fp32_panels(panels(&mut avx2::panel_vectors(n), 8)))
-                }
-                Isa::Avx512 => {
-                    Layout::Panels(fp32_panels(panels(&mut avx512::panel_vectors(n), 16)))
-                }
+                Isa::Avx2 => Layout::PanelsAvx2(fp32_panels(panels(avx2::panel_vectors(n), 8))),
+                Isa::Avx512 => Layout::Panels(fp32_panels(panels(avx512::panel_vectors(n), 16))),
                 Isa::Avx512Bf16 => {
                     let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
-                    for (j0, width) in panels(&mut avx512::panel_vectors(n), 16) {
+                    for (j0, width) in panels(avx512::panel_vectors(n), 16) {
                         for i in (0..k).step_by(2) {
                             for j in j0..j0 + width {
                                 data.extend([bf16(at(i, j)), bf16(at(i + 1, j))]);
