@@ -46,7 +46,7 @@ pub const HEAD_PART_COLUMNS: usize = 128;
 /// into one product, rather than multiplying each output row's patches where they lie: above
 /// `GATHER_ABOVE_FLOATS`, and always with the AVX2 kernels, where the per-row products' short
 /// segments (the stem's 12 values, a merge's two taps of 2 c) and part-filled row tiles cost
-/// more than the copy (measured: T0 and T1 3-5% faster at batch 1 and 8, T2 level).
+/// more than the copy (measured in docs/benchmark-log.md).
 pub fn gathers_patches(kernels: Kernels, weight_floats: usize) -> bool {
     kernels.isa() == Isa::Avx2 || weight_floats > GATHER_ABOVE_FLOATS
 }
