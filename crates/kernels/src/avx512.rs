@@ -369,6 +369,32 @@ struct Tile {
     mask: __mmask16,
 }
 
+/// Asks for the cache lines the epilogue of an R x NV tile reads (the residual) and writes
+/// (dst) before its products run: where a block's tile outgrows L2 (T2's stage 3 at batch 8:
+/// 784 pixels), each of the tile's up to 27 vectors would otherwise wait at the end for a
+/// line from L3 (fc2 at that size: 7% faster with it; docs/benchmark-log.md).
+#[inline(always)]
+unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue: &Epilogue) {
+    // SAFETY: prefetches do not fault; the addresses are the tile's own outputs and residual.
+    unsafe {
+        let dst = match t.dst {
+            Dst::F32(p) => p as *const i8,
+            Dst::Bf16(p) => p as *const i8,
+        };
+        let bytes = if matches!(t.dst, Dst::F32(_)) { 4 } else { 2 };
+        for r in 0..R {
+            for v in 0..NV {
+                let at = (r * t.dst_rs + 16 * v) * bytes;
+                _mm_prefetch::<_MM_HINT_ET0>(dst.wrapping_add(at));
+                if let Epilogue::Residual(res) = epilogue {
+                    let at = (t.r0 + r) * t.dst_rs + t.j0 + 16 * v;
+                    _mm_prefetch::<_MM_HINT_T0>(res.wrapping_add(at) as *const i8);
+                }
+            }
+        }
+    }
+}
+
 /// R rows x NV vectors of 16 columns, over every segment's k. Not inlined: one small
 /// function per shape keeps each register allocation simple (all 24 accumulators in zmm).
 #[inline(never)]
@@ -382,6 +408,7 @@ unsafe fn tile<const R: usize, const NV: usize>(
     // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
     // panel and dst that `matmul` was given.
     unsafe {
+        prefetch_epilogue::<R, NV>(t, &epilogue);
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let mut wp = panel;
         for s in a {
@@ -410,6 +437,7 @@ unsafe fn tile_bf16<const R: usize, const NV: usize>(
     // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
     // panel and dst that `matmul` was given.
     unsafe {
+        prefetch_epilogue::<R, NV>(t, &epilogue);
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let mut wp = panel;
         for s in a {

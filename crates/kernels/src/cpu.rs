@@ -11,8 +11,7 @@ pub enum Isa {
     Avx512Bf16,
     /// bf16 operands on AMX tiles (`amx.rs`), fp32 accumulators.
     Amx,
-    /// The `gemm` crate (its own runtime dispatch) on row-major weights, with a separate
-    /// epilogue pass in AVX2 + FMA.
+    /// Our AVX2 + FMA microkernel (`avx2.rs`) on pre-packed panels: fp32 only.
     Avx2,
     /// The `gemm` crate with a plain epilogue: any CPU.
     Portable,
