@@ -34,11 +34,8 @@ impl ColumnParts {
             .step_by(HEAD_PART_COLUMNS)
             .map(|j0| {
                 let j1 = (j0 + HEAD_PART_COLUMNS).min(n);
-                let part = to_vec(&w.narrow(0, j0, j1 - j0)?.t()?.contiguous()?)?;
-                Ok(Dense {
-                    w: Weights::new(k, j1 - j0, part, kernels),
-                    bias: bias[j0..j1].to_vec(),
-                })
+                let w = transpose(&w.narrow(0, j0, j1 - j0)?, kernels)?;
+                Ok(Dense { w, bias: bias[j0..j1].to_vec() })
             })
             .collect::<Result<_, ModelError>>()?;
         Ok(Self { k, n, parts })
