@@ -372,7 +372,7 @@ struct Tile {
 /// Asks for the cache lines the epilogue of an R x NV tile reads (the residual) and writes
 /// (dst) before its products run: where a block's tile outgrows L2 (T2's stage 3 at batch 8:
 /// 784 pixels), each of the tile's up to 27 vectors would otherwise wait at the end for a
-/// line from L3 (fc2 at that size: 7% faster with it; docs/benchmark-log.md).
+/// line from L3 (measured in docs/benchmark-log.md).
 #[inline(always)]
 unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue: &Epilogue) {
     // SAFETY: prefetches do not fault; the addresses are the tile's own outputs and residual.
