@@ -377,18 +377,18 @@ struct Tile {
 unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue: &Epilogue) {
     // SAFETY: prefetches do not fault; the addresses are the tile's own outputs and residual.
     unsafe {
-        let dst = match t.dst {
-            Dst::F32(p) => p as *const i8,
-            Dst::Bf16(p) => p as *const i8,
+        // As T0 for both: the write hint (`prefetchw`) would need `prfchw` enabled here.
+        let (dst, bytes) = match t.dst {
+            Dst::F32(p) => (p as *const i8, 4),
+            Dst::Bf16(p) => (p as *const i8, 2),
         };
-        let bytes = if matches!(t.dst, Dst::F32(_)) { 4 } else { 2 };
         for r in 0..R {
             for v in 0..NV {
-                let at = (r * t.dst_rs + 16 * v) * bytes;
-                _mm_prefetch::<_MM_HINT_ET0>(dst.wrapping_add(at));
+                let at = r * t.dst_rs + 16 * v;
+                _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(at * bytes));
                 if let Epilogue::Residual(res) = epilogue {
-                    let at = (t.r0 + r) * t.dst_rs + t.j0 + 16 * v;
-                    _mm_prefetch::<_MM_HINT_T0>(res.wrapping_add(at) as *const i8);
+                    let res = res.wrapping_add(t.r0 * t.dst_rs + t.j0 + at);
+                    _mm_prefetch::<_MM_HINT_T0>(res as *const i8);
                 }
             }
         }
