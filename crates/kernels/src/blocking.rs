@@ -42,6 +42,31 @@ pub const GATHERED_PATCH_PIXELS: usize = 128;
 /// share evenly, and are whole register tiles (8 vectors) and AMX tiles (16 columns).
 pub const HEAD_PART_COLUMNS: usize = 128;
 
+/// A thread with several whole images of its own runs them through the network in groups of
+/// as many as keep the largest pair of maps a layer reads and writes (the first stage's: 1 MB
+/// per image for T0 at 224) within this many bytes. Layer by layer over a thread's half of a
+/// batch of 32, T0's maps are 16 MB per thread: with the other thread's, more than a 32 MiB L3
+/// holds, so every layer reads and writes them in memory; in groups of four they stay in L3
+/// (measured in docs/benchmark-log.md).
+pub const GROUP_MAP_BYTES: usize = 4 << 20;
+
+/// Groups only for weights of at most this many bytes: each group reads all of them again,
+/// which costs less than the maps' trips to memory only while the weights stay in L3 beside
+/// two threads' groups of maps (32 MiB - 2 x `GROUP_MAP_BYTES`). T0 (15.6 MB in fp32) and T1
+/// in bf16 (15 MB) are grouped; T1 in fp32 (30 MB) and T2 are not.
+pub const GROUP_WEIGHT_BYTES: usize = 24 << 20;
+
+/// Images per group (`GROUP_MAP_BYTES`) for a network whose largest pair of maps is
+/// `map_pair_bytes` per image and whose weights are `weight_bytes`: at least 1, and
+/// `usize::MAX` (one group) for weights above `GROUP_WEIGHT_BYTES`.
+pub fn images_per_group(map_pair_bytes: usize, weight_bytes: usize) -> usize {
+    if weight_bytes > GROUP_WEIGHT_BYTES {
+        usize::MAX
+    } else {
+        (GROUP_MAP_BYTES / map_pair_bytes.max(1)).max(1)
+    }
+}
+
 /// Whether a strided convolution with `weight_floats` of weights gathers a tile's patches
 /// into one product, rather than multiplying each output row's patches where they lie: above
 /// `GATHER_ABOVE_FLOATS`, and always with the AVX2 kernels, where the per-row products' short
@@ -54,4 +79,18 @@ pub fn gathers_patches(kernels: Kernels, weight_floats: usize) -> bool {
 /// Fewest image rows of `width` pixels that give a product `MIN_PRODUCT_PIXELS`.
 pub fn min_rows_for(width: usize) -> usize {
     MIN_PRODUCT_PIXELS.div_ceil(width)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_keep_a_threads_maps_within_the_budget_for_small_weights_only() {
+        let t0_at_224 = 2 * 56 * 56 * 40 * 4;
+        assert_eq!(images_per_group(t0_at_224, 15 << 20), 4);
+        assert_eq!(images_per_group(GROUP_MAP_BYTES / 3, GROUP_WEIGHT_BYTES), 3);
+        assert_eq!(images_per_group(GROUP_MAP_BYTES + 1, 0), 1);
+        assert_eq!(images_per_group(t0_at_224, GROUP_WEIGHT_BYTES + 1), usize::MAX);
+    }
 }

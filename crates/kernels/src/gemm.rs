@@ -149,6 +149,14 @@ impl Weights {
         }
     }
 
+    /// The bytes a product reads of these weights (their layout's, padding included).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Layout::RowMajor(v) | Layout::Panels(v) | Layout::PanelsAvx2(v) => 4 * v.len(),
+            Layout::PanelsBf16(v) | Layout::TilesAmx(v) => 2 * v.len(),
+        }
+    }
+
     /// Whether these weights multiply in bf16, and so take left operands already in bf16
     /// (`matmul_bf16`) and can write bf16 results (`matmul_to_bf16`).
     pub fn takes_bf16_segments(&self) -> bool {

@@ -11,7 +11,7 @@
 //!   that and the untouched channels as two segments, with bias + activation as its
 //!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
 //! - With at least as many images as threads, each thread of rayon's pool runs whole images
-//!   on its own; otherwise the calling thread and a team of helpers (`team.rs`) share each
+//!   on its own, in groups whose maps stay in L3 (`blocking::images_per_group`); otherwise the calling thread and a team of helpers (`team.rs`) share each
 //!   layer's tiles. Either way there is one level of parallelism and each product is
 //!   single-threaded.
 //! - Activation buffers are kept between forward passes.
@@ -70,6 +70,9 @@ pub struct FastEngine {
     classifier: ColumnParts,
     /// Ping-pong activation buffers, one pair per concurrent pass, kept between calls.
     buffers: Mutex<Vec<[Vec<f32>; 2]>>,
+    /// What a pass reads of the weights (stem, merges, blocks, head, classifier), in bytes:
+    /// whether a thread's images run in groups (`images_per_group`).
+    weight_bytes: usize,
     /// The helper threads that share the tiles of a batch smaller than the thread count,
     /// started by the first such pass.
     team: Mutex<Option<Team>>,
@@ -167,6 +170,43 @@ mod tests {
                     diff <= tolerance * scale,
                     "{got:?} {variant} {b}x{h}x{w}: {diff} (scale {scale})"
                 );
+            }
+        }
+    }
+
+    /// A thread's images run in groups (`images_per_group`) against the reference engine:
+    /// T0 at 224 in groups of 4, so that two threads' 5 images each run as 4 + 1; T1 and T2
+    /// (fp32 weights of 30 and 60 MB) in one group.
+    #[test]
+    fn images_run_in_groups_match_the_reference() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let weights =
+            FasterNetWeights::random(&FasterNetConfig::preset(Variant::T0, 1000), 3).unwrap();
+        let engine = FastEngine::with_kernels(&weights, Kernels::detect()).unwrap();
+        assert_eq!(engine.images_per_group(224, 224), 4, "{} weight bytes", engine.weight_bytes);
+        for variant in [Variant::T1, Variant::T2] {
+            let weights =
+                FasterNetWeights::random(&FasterNetConfig::preset(variant, 1000), 3).unwrap();
+            let engine = FastEngine::with_kernels(&weights, Kernels::detect()).unwrap();
+            assert_eq!(
+                engine.images_per_group(224, 224),
+                usize::MAX,
+                "{variant}: {} weight bytes",
+                engine.weight_bytes
+            );
+        }
+        let reference =
+            crate::model::FasterNet::with_engine(weights, crate::model::Engine::Reference).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (10, 3, 224, 224), &Device::Cpu).unwrap();
+        let images: Vec<Tensor> = (0..10).map(|i| x.get(i).unwrap()).collect();
+        let got = pool.install(|| engine.forward_each(&images).unwrap());
+        let want = reference.forward(&x).unwrap();
+        for (got, want) in [(got.logits, want.logits), (got.features, want.features)] {
+            let (got, want) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+            let scale = want.iter().flatten().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-4 * scale, "image {i}: {diff} (scale {scale})");
             }
         }
     }

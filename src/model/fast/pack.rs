@@ -115,7 +115,7 @@ impl FastEngine {
                 fc2: transpose(&b.fc2, kernels)?,
             })
         };
-        let stages = w
+        let stages: Vec<Stage> = w
             .stages
             .iter()
             .map(|s| {
@@ -126,17 +126,32 @@ impl FastEngine {
             })
             .collect::<Result<_, ModelError>>()?;
         let features = w.classifier_weight.dim(1)?;
+        let stem = dense(&w.stem, false, kernels.fp32())?;
+        let head = ColumnParts::new(&w.conv_head, vec![0.0; features], kernels)?;
+        let classifier =
+            ColumnParts::new(&w.classifier_weight, to_vec(&w.classifier_bias)?, kernels)?;
+        let weight_bytes = stem.w.bytes()
+            + stages
+                .iter()
+                .flat_map(|s| {
+                    let blocks =
+                        s.blocks.iter().map(|b| b.partial.bytes() + b.fc1.bytes() + b.fc2.bytes());
+                    s.merge.iter().map(|m| m.w.bytes()).chain(blocks)
+                })
+                .sum::<usize>()
+            + [&head, &classifier]
+                .iter()
+                .flat_map(|c| &c.parts)
+                .map(|p| p.w.bytes())
+                .sum::<usize>();
         Ok(Self {
             kernels,
             act: w.config.act.into(),
-            stem: dense(&w.stem, false, kernels.fp32())?,
+            stem,
             stages,
-            head: ColumnParts::new(&w.conv_head, vec![0.0; features], kernels)?,
-            classifier: ColumnParts::new(
-                &w.classifier_weight,
-                to_vec(&w.classifier_bias)?,
-                kernels,
-            )?,
+            head,
+            classifier,
+            weight_bytes,
             buffers: Mutex::new(Vec::new()),
             team: Mutex::new(None),
             profile: LayerProfile::default(),

@@ -8,7 +8,7 @@ use std::sync::TryLockError;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use fasternet_kernels::blocking::TILE_FLOATS;
+use fasternet_kernels::blocking::{images_per_group, TILE_FLOATS};
 
 use super::team::Team;
 use super::FastEngine;
@@ -90,9 +90,17 @@ impl Out {
 }
 
 impl FastEngine {
+    /// How many of its own images a thread runs through the network at a time
+    /// (`blocking::images_per_group`) for inputs of `in_h` x `in_w`.
+    pub(super) fn images_per_group(&self, in_h: usize, in_w: usize) -> usize {
+        let map_pair_bytes = 2 * (in_h / 4) * (in_w / 4) * self.stem.w.n * size_of::<f32>();
+        images_per_group(map_pair_bytes, self.weight_bytes)
+    }
+
     /// With at least as many images as threads, each thread runs whole images on its own (no
-    /// synchronisation between layers); the images left over, or a batch smaller than the
-    /// thread count, are split into tiles that all threads share.
+    /// synchronisation between layers), in groups (`images_per_group`); the images left
+    /// over, or a batch smaller than the thread count, are split into tiles that all threads
+    /// share.
     pub(super) fn forward_slices(
         &self,
         images: &[&[f32]],
@@ -108,12 +116,19 @@ impl FastEngine {
         let (features_own, features_shared) = features.split_at_mut(own * f);
         let (logits_own, logits_shared) = logits.split_at_mut(own * k);
         if per_thread > 0 {
+            let group = self.images_per_group(in_h, in_w).min(per_thread);
             images[..own]
                 .par_chunks(per_thread)
                 .zip(features_own.par_chunks_mut(per_thread * f))
                 .zip(logits_own.par_chunks_mut(per_thread * k))
                 .for_each(|((x, features), logits)| {
-                    self.forward_images(x, (c, in_h, in_w), Workers::ONE, features, logits)
+                    let groups = x
+                        .chunks(group)
+                        .zip(features.chunks_mut(group * f))
+                        .zip(logits.chunks_mut(group * k));
+                    for ((x, features), logits) in groups {
+                        self.forward_images(x, (c, in_h, in_w), Workers::ONE, features, logits)
+                    }
                 });
         }
         if own < batch {
