@@ -52,8 +52,8 @@ pub const GROUP_MAP_BYTES: usize = 4 << 20;
 
 /// Groups only for weights of at most this many bytes: each group reads all of them again,
 /// which costs less than the maps' trips to memory only while the weights stay in L3 beside
-/// two threads' groups of maps (32 MiB - 2 x `GROUP_MAP_BYTES`). T0 (15.6 MB in fp32) and T1
-/// in bf16 (15 MB) are grouped; T1 in fp32 (30 MB) and T2 are not.
+/// two threads' groups of maps (32 MiB - 2 x `GROUP_MAP_BYTES`). T0 (15.7 MB in fp32) and T1
+/// in bf16 (15.2 MB) are grouped; T1 in fp32 (30.4 MB) and T2 are not.
 pub const GROUP_WEIGHT_BYTES: usize = 24 << 20;
 
 /// Images per group (`GROUP_MAP_BYTES`) for a network whose largest pair of maps is

@@ -11,9 +11,9 @@
 //!   that and the untouched channels as two segments, with bias + activation as its
 //!   epilogue; fc2 adds the residual in its epilogue, straight into the output map.
 //! - With at least as many images as threads, each thread of rayon's pool runs whole images
-//!   on its own, in groups whose maps stay in L3 (`blocking::images_per_group`); otherwise the calling thread and a team of helpers (`team.rs`) share each
-//!   layer's tiles. Either way there is one level of parallelism and each product is
-//!   single-threaded.
+//!   on its own, in groups whose maps stay in L3 (`blocking::images_per_group`); otherwise
+//!   the calling thread and a team of helpers (`team.rs`) share each layer's tiles. Either
+//!   way there is one level of parallelism and each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
 //!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32. A block's
