@@ -203,11 +203,11 @@ impl Preprocessor {
             Some(layout) if divisor > 1 => {
                 let pixels = decoded.0 as u64 * decoded.1 as u64;
                 // libjpeg's buffers with its output (4 bytes a pixel for CMYK) and the RGB
-                // conversion; then the image with the unblurring's buffers (at 1/8), or the
-                // image and the orientation's copy.
+                // conversion; then the image with the unblurring's rows (at 1/8, in place),
+                // or the image and the orientation's copy.
                 let libjpeg = layout.working_bytes(header.width) + 7 * pixels;
-                let unblur = if divisor == 8 { transform::UNBLUR_BYTES_PER_PIXEL } else { 0 };
-                libjpeg.max((3 + unblur) * pixels).max(6 * pixels)
+                let unblur = 3 * pixels + transform::unblur_bytes(decoded.0);
+                libjpeg.max(unblur).max(6 * pixels)
             }
             _ => header.decoder_bytes(),
         };

@@ -121,37 +121,65 @@ pub fn resize_region(
     RgbImage::from_raw(width, height, both).expect("destination buffer has the right size")
 }
 
-/// Bytes [`unblur_box`] holds per pixel beside its input (which it frees when done): the
-/// horizontal pass (i16) and the output.
-pub const UNBLUR_BYTES_PER_PIXEL: u64 = 3 * 2 + 3;
+/// Bytes [`unblur_box`] holds beside the image: three rows of its horizontal pass (i16).
+pub fn unblur_bytes(width: u32) -> u64 {
+    3 * 3 * 2 * width as u64
+}
 
 /// Undoes most of the blur of a box filter one pixel wide, as a JPEG decoded at 1/8 scale has
 /// (each pixel the mean of its 8x8 block): a separable [-a, 1 + 2a, -a] with a = 1/24, which
 /// cancels the box's variance (1/12 pixel squared) so that the resize after it blurs about as
 /// much as the full-size path's resize alone. Edges repeat their last pixel.
-pub fn unblur_box(image: RgbImage) -> RgbImage {
-    // [-1, 26, -1] / 24 on each axis, in integers: exact, and rounded once at the end. The
-    // horizontal pass (24 times its result, -510..=6630) fits in i16.
+///
+/// In place: the horizontal pass of the rows above, at and below the one being written is
+/// kept in a ring of three rows, and a row is overwritten once the pass of the row below it
+/// has read it.
+pub fn unblur_box(mut image: RgbImage) -> RgbImage {
     let stride = image.width() as usize * 3;
     let height = image.height() as usize;
-    let mut rows = vec![0i16; stride * height];
-    for (src, dst) in image.as_raw().chunks_exact(stride).zip(rows.chunks_exact_mut(stride)) {
-        for (i, out) in dst.iter_mut().enumerate() {
-            let left = src[i.saturating_sub(3).max(i % 3)];
-            let right = src[if i + 3 < stride { i + 3 } else { i }];
-            *out = 26 * src[i] as i16 - left as i16 - right as i16;
+    if stride == 0 || height == 0 {
+        return image;
+    }
+    let pixels: &mut [u8] = &mut image;
+    let mut ring = vec![0i16; 3 * stride];
+    let slot = |y: usize| (y % 3) * stride..(y % 3 + 1) * stride;
+    unblur_row(&pixels[..stride], &mut ring[slot(0)]);
+    for y in 0..height {
+        if y + 1 < height {
+            unblur_row(&pixels[(y + 1) * stride..][..stride], &mut ring[slot(y + 1)]);
+        }
+        let (up, down) = (y.saturating_sub(1), (y + 1).min(height - 1));
+        let (up, here, down) = (&ring[slot(up)], &ring[slot(y)], &ring[slot(down)]);
+        let dst = &mut pixels[y * stride..][..stride];
+        for (((out, &u), &h), &d) in dst.iter_mut().zip(up).zip(here).zip(down) {
+            // 576 times the result, rounded down once: clamping below first lets the
+            // division be an unsigned one by a constant, which vectorises.
+            let scaled = (26 * h as i32 - u as i32 - d as i32 + 288).max(0) as u32;
+            *out = (scaled / 576).min(255) as u8;
         }
     }
-    let mut out = vec![0u8; stride * height];
-    for (y, dst) in out.chunks_exact_mut(stride).enumerate() {
-        let row = |y: usize| &rows[y * stride..][..stride];
-        let (up, here, down) = (row(y.saturating_sub(1)), row(y), row((y + 1).min(height - 1)));
-        for (i, out) in dst.iter_mut().enumerate() {
-            let scaled = 26 * here[i] as i32 - up[i] as i32 - down[i] as i32; // 576 times it
-            *out = (scaled + 288).div_euclid(576).clamp(0, 255) as u8;
+    image
+}
+
+/// [-1, 26, -1] along one RGB row, 24 times the horizontal pass's result (-510..=6630, an
+/// i16); the first and last pixel repeat themselves as neighbours.
+fn unblur_row(src: &[u8], dst: &mut [i16]) {
+    let tap = |c: u8, l: u8, r: u8| 26 * c as i16 - l as i16 - r as i16;
+    let n = src.len();
+    if n == 3 {
+        for (out, &c) in dst.iter_mut().zip(src) {
+            *out = tap(c, c, c);
         }
+        return;
     }
-    RgbImage::from_raw(image.width(), image.height(), out).expect("same size as the input")
+    for i in 0..3 {
+        dst[i] = tap(src[i], src[i], src[i + 3]);
+        dst[n - 3 + i] = tap(src[n - 3 + i], src[n - 6 + i], src[n - 3 + i]);
+    }
+    let middle = dst[3..n - 3].iter_mut().zip(&src[3..n - 3]).zip(&src[..n - 6]).zip(&src[6..]);
+    for (((out, &c), &l), &r) in middle {
+        *out = tap(c, l, r);
+    }
 }
 
 /// torchvision's CenterCrop: offsets round half to even; a crop larger than the image pads
@@ -231,6 +259,45 @@ mod tests {
             unblur_box(ramp).as_raw().chunks(3).map(|p| p[0]).collect::<Vec<_>>(),
             [0, 10, 20, 30]
         );
+    }
+
+    #[test]
+    fn unblur_box_matches_its_definition_on_every_shape() {
+        // The filter as written: per pixel and channel, with clamped neighbours, in f64, the
+        // result rounded half up (576ths are exact in f64).
+        fn definition(image: &RgbImage) -> RgbImage {
+            let (w, h) = (image.width() as i64, image.height() as i64);
+            let at = |x: i64, y: i64, c: usize| {
+                image.get_pixel(x.clamp(0, w - 1) as u32, y.clamp(0, h - 1) as u32)[c] as f64
+            };
+            let row =
+                |x: i64, y: i64, c: usize| 26.0 * at(x, y, c) - at(x - 1, y, c) - at(x + 1, y, c);
+            RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let (x, y) = (x as i64, y as i64);
+                image::Rgb(std::array::from_fn(|c| {
+                    let v = 26.0 * row(x, y, c) - row(x, y - 1, c) - row(x, y + 1, c);
+                    (v / 576.0 + 0.5).floor().clamp(0.0, 255.0) as u8
+                }))
+            })
+        }
+        let mut state = 0x2545_f491_u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        for (w, h) in [(1, 1), (1, 6), (2, 1), (2, 3), (3, 2), (7, 9), (33, 17)] {
+            // Noise with runs of 0 and 255, so that both clamps are reached.
+            let image = RgbImage::from_fn(w, h, |_, _| {
+                image::Rgb(std::array::from_fn(|_| match next() % 4 {
+                    0 => 0,
+                    1 => 255,
+                    _ => next() as u8,
+                }))
+            });
+            assert_eq!(unblur_box(image.clone()), definition(&image), "{w}x{h}");
+        }
     }
 
     #[test]
