@@ -395,6 +395,22 @@ unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue:
     }
 }
 
+/// A copy of a tile's accumulators for `store!`, made element by element. `store!` indexes
+/// its array in loops that LLVM does not unroll (their bodies hold every epilogue), so that
+/// array lives in memory; were it the accumulators themselves, every segment of a tile would
+/// spill and reload all of them around its k loop, and each tile would begin with a memset.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn for_store<const R: usize, const NV: usize>(acc: &[[__m512; NV]; R]) -> [[__m512; NV]; R] {
+    let mut sums = [[_mm512_setzero_ps(); NV]; R];
+    for r in 0..R {
+        for v in 0..NV {
+            sums[r][v] = acc[r][v];
+        }
+    }
+    sums
+}
+
 /// R rows x NV vectors of 16 columns, over every segment's k. Not inlined: one small
 /// function per shape keeps each register allocation simple (all 24 accumulators in zmm).
 #[inline(never)]
@@ -418,7 +434,11 @@ unsafe fn tile<const R: usize, const NV: usize>(
             wp = wp.add(16 * NV * s.k);
         }
         let Dst::F32(dst) = t.dst else { unreachable!("fp32 weights write fp32") };
-        store!(acc, t, epilogue, NV, |at, mask, out| _mm512_mask_storeu_ps(dst.add(at), mask, out));
+        store!(for_store(&acc), t, epilogue, NV, |at, mask, out| _mm512_mask_storeu_ps(
+            dst.add(at),
+            mask,
+            out
+        ));
     }
 }
 
@@ -452,12 +472,15 @@ unsafe fn tile_bf16<const R: usize, const NV: usize>(
             }
             wp = wp.add(16 * NV * s.k);
         }
+        let sums = for_store(&acc);
         match t.dst {
-            Dst::F32(dst) => store!(acc, t, epilogue, NV, |at, mask, out| {
+            Dst::F32(dst) => store!(sums, t, epilogue, NV, |at, mask, out| {
                 _mm512_mask_storeu_ps(dst.add(at), mask, out)
             }),
             Dst::Bf16(dst) => {
-                store!(acc, t, epilogue, NV, |at, mask, out| { store_bf16(dst.add(at), mask, out) })
+                store!(sums, t, epilogue, NV, |at, mask, out| {
+                    store_bf16(dst.add(at), mask, out)
+                })
             }
         }
     }
