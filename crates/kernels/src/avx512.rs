@@ -434,11 +434,10 @@ unsafe fn tile<const R: usize, const NV: usize>(
             wp = wp.add(16 * NV * s.k);
         }
         let Dst::F32(dst) = t.dst else { unreachable!("fp32 weights write fp32") };
-        store!(for_store(&acc), t, epilogue, NV, |at, mask, out| _mm512_mask_storeu_ps(
-            dst.add(at),
-            mask,
-            out
-        ));
+        let sums = for_store(&acc);
+        store!(sums, t, epilogue, NV, |at, mask, out| {
+            _mm512_mask_storeu_ps(dst.add(at), mask, out)
+        });
     }
 }
 
