@@ -1,6 +1,8 @@
 //! The network as a sequence of products: stem, stages of merges and blocks, head.
 
-use fasternet_kernels::blocking::{gathers_patches, min_rows_for, HEAD_PART_COLUMNS};
+use fasternet_kernels::blocking::{
+    gathers_patches, min_rows_for, HEAD_PART_COLUMNS, PREFETCH_ROWS_AHEAD,
+};
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{
     grow, matmul, matmul_bf16, matmul_to_bf16, Activation, Epilogue, Segment, SegmentBf16,
@@ -109,13 +111,13 @@ impl FastEngine {
     /// x n) = A @ w + bias, where `segments(row, list)` lists where the patches of output image
     /// row `row` are in the input (consecutive output pixels are a fixed stride apart there).
     ///
-    /// Small weights: one product per output row, its patches read in place. Weights larger
-    /// than L2 are fetched from L3 again by every product, which per row means once per few
-    /// pixels (T2's last merge: 4.7 MB for 7); such convolutions (and every one on the AVX2
-    /// kernels: `gathers_patches`) copy a tile's patches into one matrix (k floats per pixel,
-    /// against k n multiply-adds) for one product per tile, and take tiles of at least as
-    /// many floats as the weights, or an equal share of the rows where threads share them, as
-    /// the blocks do.
+    /// Small weights: one product per output row, its patches read in place (a later row's
+    /// asked for ahead: `PREFETCH_ROWS_AHEAD`). Weights larger than L2 are fetched from L3
+    /// again by every product, which per row means once per few pixels (T2's last merge: 4.7
+    /// MB for 7); such convolutions (and every one on the AVX2 kernels: `gathers_patches`)
+    /// copy a tile's patches into one matrix (k floats per pixel, against k n multiply-adds)
+    /// for one product per tile, and take tiles of at least as many floats as the weights, or
+    /// an equal share of the rows where threads share them, as the blocks do.
     fn strided_conv(
         &self,
         out: &mut [f32],
@@ -135,7 +137,12 @@ impl FastEngine {
         for_each_tile(workers, tiles(image_rows, row_floats, min_rows, workers.threads), |g| {
             let mut list = Vec::new();
             if !gather {
-                for row in g {
+                for row in g.clone() {
+                    if row + PREFETCH_ROWS_AHEAD < g.end {
+                        list.clear();
+                        segments(row + PREFETCH_ROWS_AHEAD, &mut list);
+                        list.iter().for_each(|s| s.prefetch(w_out));
+                    }
                     list.clear();
                     segments(row, &mut list);
                     // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments
