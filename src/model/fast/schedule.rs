@@ -27,7 +27,10 @@ pub(super) fn tiles(
 ) -> Vec<Range<usize>> {
     let max_rows = (TILE_FLOATS / width.max(1)).max(min_rows);
     let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
-    let count = count.min(rows / min_rows.max(1)).max(1);
+    // At most as many tiles as have min_rows each: still a multiple of the threads where the
+    // rows allow (28 rows of at least 8: two tiles, not three, of which one thread ran two).
+    let most = rows / min_rows.max(1);
+    let count = if most >= threads { count.min(most - most % threads) } else { most }.max(1);
     (0..count).map(|i| i * rows / count..(i + 1) * rows / count).collect()
 }
 
@@ -175,6 +178,9 @@ mod tests {
             (28, 1000, 2, 2),
             (5, 10, 16, 2),
             (3, 100_000, 1, 4),
+            (28, 22_848, 8, 2),
+            (28, 15_232, 5, 2),
+            (27, 1000, 4, 3),
         ] {
             let t = tiles(rows, width, min_rows, threads);
             let sizes: Vec<usize> = t.iter().map(|r| r.len()).collect();
@@ -191,6 +197,9 @@ mod tests {
                 sizes.iter().all(|&s| s >= min_rows.min(rows)),
                 "{rows} rows, min {min_rows}: {sizes:?}"
             );
+            if rows / min_rows >= threads {
+                assert!(t.len().is_multiple_of(threads), "{rows} rows, {threads} threads: {t:?}");
+            }
             if t.len().is_multiple_of(2) && threads == 2 {
                 let half: usize = sizes[..t.len() / 2].iter().sum();
                 assert!(half.abs_diff(rows - half) <= 1, "{rows} rows: {sizes:?}");
