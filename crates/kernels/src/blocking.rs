@@ -26,9 +26,8 @@ pub const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
 /// it multiplies row r, for row r + this many's patches to be brought into L2
 /// (`Segment::prefetch`). The stem reads each image once, from L3 or memory (a pass pushes it
 /// out of L2), as twelve 16-byte pieces per pixel from twelve image rows, which the hardware
-/// prefetchers do not keep ahead of: reading an image already in cache, the stem ran up to
-/// twice as fast. The prefetch cut its time by 12-17% in a quiet hour and by 20-40% in a busy
-/// one (measured in docs/benchmark-log.md).
+/// prefetchers do not keep ahead of, so without this it waits for memory (measured in
+/// docs/benchmark-log.md).
 pub const PREFETCH_ROWS_AHEAD: usize = 2;
 
 /// Fewest output pixels per product: with fewer, the register tiles run mostly empty.

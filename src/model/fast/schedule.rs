@@ -28,7 +28,8 @@ pub(super) fn tiles(
     let max_rows = (TILE_FLOATS / width.max(1)).max(min_rows);
     let count = rows.div_ceil(max_rows).div_ceil(threads) * threads;
     // At most as many tiles as have min_rows each: still a multiple of the threads where the
-    // rows allow (28 rows of at least 8: two tiles, not three, of which one thread ran two).
+    // rows allow (28 rows of at least 8 on two threads: two tiles of 14, not three of 9-10,
+    // which would leave one thread idle while the other runs its second).
     let most = rows / min_rows.max(1);
     let count = if most >= threads { count.min(most - most % threads) } else { most }.max(1);
     (0..count).map(|i| i * rows / count..(i + 1) * rows / count).collect()
