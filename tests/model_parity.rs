@@ -344,9 +344,9 @@ fn fast_engine_matches_the_reference_for_every_variant() {
     }
 }
 
-/// bf16 products (8-bit mantissas, fp32 sums) cannot match to 1e-4: measured 0.5-1.1% of the
-/// logits' scale on these random networks, allowed 3%. (Classification accuracy in bf16 is
-/// checked on the bundled model's test set in tests/bundled_accuracy.rs.)
+/// bf16 products and maps (8-bit mantissas, fp32 sums) cannot match to 1e-4: measured
+/// 0.5-1.1% of the logits' scale on these random networks, allowed 3%. (Classification
+/// accuracy in bf16 is checked on the bundled model's test set in tests/bundled_accuracy.rs.)
 #[test]
 fn fast_bf16_engine_stays_close_to_the_reference() {
     for (i, variant) in Variant::ALL.into_iter().enumerate() {

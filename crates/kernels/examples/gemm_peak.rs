@@ -80,14 +80,14 @@ fn microkernel_gflops(threads: usize, kernels: fasternet_kernels::Kernels) -> f6
 
 /// As `microkernel_gflops` with bf16 kernels on a left operand already in bf16 (`fc2`'s).
 fn bf16_microkernel_gflops(threads: usize, kernels: fasternet_kernels::Kernels) -> f64 {
-    use fasternet_kernels::{matmul_bf16, Epilogue, SegmentBf16, Weights};
+    use fasternet_kernels::{matmul_bf16, Dst, Epilogue, SegmentBf16, Weights};
     let w = Weights::new(K, K, vec![0.5; K * K], kernels);
     let a = vec![0x3f80u16; M * K];
     let run = |dst: &mut [f32]| {
         let segments = [SegmentBf16 { ptr: a.as_ptr(), stride: K, k: K }];
         // SAFETY: a holds M x K bf16 values and dst M x K floats, row stride K; the weights
         // are bf16 (`detect_bf16`).
-        unsafe { matmul_bf16(M, &segments, &w, dst.as_mut_ptr(), K, Epilogue::Store) }
+        unsafe { matmul_bf16(M, &segments, &w, Dst::F32(dst.as_mut_ptr()), K, Epilogue::Store) }
     };
     rate(threads, 2 * M * K * K, 2000, M * K, run)
 }

@@ -138,6 +138,9 @@ unsafe fn tile<const R: usize, const NV: usize>(
                         let at = (t.r0 + r) * t.dst_rs + col;
                         _mm256_add_ps(sum, load(res.add(at), t.mask, partial))
                     }
+                    Epilogue::ResidualBf16(_) => {
+                        unreachable!("bf16 residuals for bf16 products only")
+                    }
                 };
                 let p = t.dst.add(r * t.dst_rs + LANES * v);
                 if partial {

@@ -334,6 +334,11 @@ macro_rules! finished {
             Epilogue::Residual(res) => {
                 _mm512_add_ps($sum, _mm512_maskz_loadu_ps($mask, res.add($row * $dst_rs + $col)))
             }
+            Epilogue::ResidualBf16(res) => {
+                let bits = _mm256_maskz_loadu_epi16($mask, res.add($row * $dst_rs + $col).cast());
+                let res = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+                _mm512_add_ps($sum, res)
+            }
         }
     };
 }
@@ -382,13 +387,18 @@ unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue:
             Dst::F32(p) => (p as *const i8, 4),
             Dst::Bf16(p) => (p as *const i8, 2),
         };
+        let residual = match *epilogue {
+            Epilogue::Residual(res) => Some((res as *const i8, 4)),
+            Epilogue::ResidualBf16(res) => Some((res as *const i8, 2)),
+            _ => None,
+        };
         for r in 0..R {
             for v in 0..NV {
                 let at = r * t.dst_rs + 16 * v;
                 _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(at * bytes));
-                if let Epilogue::Residual(res) = epilogue {
-                    let res = res.wrapping_add(t.r0 * t.dst_rs + t.j0 + at);
-                    _mm_prefetch::<_MM_HINT_T0>(res as *const i8);
+                if let Some((res, bytes)) = residual {
+                    let at = (t.r0 * t.dst_rs + t.j0 + at) * bytes;
+                    _mm_prefetch::<_MM_HINT_T0>(res.wrapping_add(at));
                 }
             }
         }

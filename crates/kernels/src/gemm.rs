@@ -60,9 +60,10 @@ impl<T> Segment<T> {
 /// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
 pub type SegmentBf16 = Segment<u16>;
 
-/// Where a product's results go: fp32 rows, or bf16 rows (`matmul_to_bf16`).
+/// Where a bf16 product's results go (`matmul_bf16`): fp32 rows, or bf16 rows (rounded to
+/// nearest even) for an output whose readers are other bf16 products.
 #[derive(Clone, Copy)]
-pub(crate) enum Dst {
+pub enum Dst {
     F32(*mut f32),
     Bf16(*mut u16),
 }
@@ -72,7 +73,7 @@ impl Dst {
     ///
     /// # Safety
     /// As `pointer::add`.
-    pub(crate) unsafe fn add(self, offset: usize) -> Self {
+    pub unsafe fn add(self, offset: usize) -> Self {
         // SAFETY: the caller upholds this function's contract (`# Safety` above).
         unsafe {
             match self {
@@ -95,6 +96,8 @@ pub enum Epilogue<'a> {
     BiasGeluBf16(&'a [f32]),
     /// dst = A W + residual; `residual` rows have the stride of `dst`'s.
     Residual(*const f32),
+    /// The same with a bf16 residual (bf16 products only).
+    ResidualBf16(*const u16),
 }
 
 /// A (k x n) weight matrix in the layout its `Kernels` want.
@@ -203,7 +206,8 @@ pub unsafe fn to_bf16_rows(src: *const f32, stride: usize, rows: usize, k: usize
     }
 }
 
-/// `matmul` with weights for which `takes_bf16_segments()` and a left operand already in bf16.
+/// `matmul` with weights for which `takes_bf16_segments()` and a left operand already in
+/// bf16, into `dst` (bf16 results rounded to nearest even).
 ///
 /// # Safety
 /// As `matmul`; moreover every segment's `k` is even.
@@ -212,7 +216,7 @@ pub unsafe fn matmul_bf16(
     m: usize,
     a: &[SegmentBf16],
     w: &Weights,
-    dst: *mut f32,
+    dst: Dst,
     dst_rs: usize,
     epilogue: Epilogue,
 ) {
@@ -224,11 +228,11 @@ pub unsafe fn matmul_bf16(
         match &w.data {
             #[cfg(target_arch = "x86_64")]
             Layout::PanelsBf16(data) if m > 0 && w.n > 0 => {
-                avx512::matmul_bf16_segments(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
+                avx512::matmul_bf16_segments(m, a, w, data, dst, dst_rs, epilogue)
             }
             #[cfg(target_arch = "x86_64")]
             Layout::TilesAmx(data) if m > 0 && w.n > 0 => {
-                crate::amx::matmul_bf16(m, a, w, data, Dst::F32(dst), dst_rs, epilogue)
+                crate::amx::matmul_bf16(m, a, w, data, dst, dst_rs, epilogue)
             }
             _ => assert!(m == 0 || w.n == 0, "matmul_bf16 needs bf16 weights"),
         }
@@ -365,6 +369,7 @@ unsafe fn portable(
             Epilogue::Bias(bias, act) => (bias, act),
             Epilogue::BiasGeluBf16(bias) => (bias, Some(Activation::Gelu)),
             Epilogue::Store | Epilogue::Residual(_) => return,
+            Epilogue::ResidualBf16(_) => unreachable!("bf16 residuals for bf16 products only"),
         };
         for r in 0..m {
             let row = std::slice::from_raw_parts_mut(dst.add(r * dst_rs), n);
@@ -457,6 +462,7 @@ mod tests {
                             }
                             Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
                             Epilogue::Residual(_) => p + residual[i],
+                            Epilogue::ResidualBf16(_) => unreachable!(),
                         };
                         let approximate =
                             matches!(epilogue, Epilogue::BiasGeluBf16(_)) && kernels.has_avx512();
@@ -474,11 +480,11 @@ mod tests {
     }
 
     /// Left operands converted once (`to_bf16_rows` + `matmul_bf16` on bf16 segments, as the
-    /// partial convolution and fc2 use them) give bit for bit what converting per product
-    /// gives, and results written in bf16 (`matmul_to_bf16`, as fc1 writes them) are the fp32
-    /// results rounded: on every bf16 kernel set this CPU runs, for operands split in segments
-    /// (staged) and whole ones of a k that AMX reads in place, over row counts with and without
-    /// a partial last 16 rows.
+    /// bf16 engine's maps are) give bit for bit what converting per product gives; results
+    /// written in bf16 (`matmul_to_bf16`, and `matmul_bf16` into `Dst::Bf16`) are the fp32
+    /// results rounded; a bf16 residual adds what the same values in fp32 add: on every bf16
+    /// kernel set this CPU runs, for operands split in segments (staged) and whole ones of a k
+    /// that AMX reads in place, over row counts with and without a partial last 16 rows.
     #[test]
     fn bf16_segments_and_results_match_the_per_product_conversion() {
         let all = Kernels::all_bf16();
@@ -523,18 +529,32 @@ mod tests {
                 let epilogue = Epilogue::Bias(&bias, Some(Activation::Gelu));
                 let (mut want, mut got) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                 let mut got_bf16 = vec![0u16; m * n];
+                let mut from_bf16 = vec![0u16; m * n];
+                let residual_bf16: Vec<u16> =
+                    (0..m * n).map(|i| bf16(((i * 31) % 89) as f32 / 11.0 - 4.0)).collect();
+                let residual: Vec<f32> =
+                    residual_bf16.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
+                let (mut want_sum, mut got_sum) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
                 // SAFETY: the buffers hold the m x k operand and the m x n outputs the calls
                 // describe.
                 unsafe {
                     to_bf16_rows(a.as_ptr(), stride, m, stride, ab.as_mut_ptr());
-                    matmul_bf16(m, &bf16_segments, &w, got.as_mut_ptr(), n, epilogue);
+                    matmul_bf16(m, &bf16_segments, &w, Dst::F32(got.as_mut_ptr()), n, epilogue);
                     matmul(m, &f32_segments, &w, want.as_mut_ptr(), n, epilogue);
                     matmul_to_bf16(m, &f32_segments, &w, got_bf16.as_mut_ptr(), n, epilogue);
+                    let dst = Dst::Bf16(from_bf16.as_mut_ptr());
+                    matmul_bf16(m, &bf16_segments, &w, dst, n, epilogue);
+                    let (dst, add) = (Dst::F32(want_sum.as_mut_ptr()), residual.as_ptr());
+                    matmul_bf16(m, &bf16_segments, &w, dst, n, Epilogue::Residual(add));
+                    let (dst, add) = (Dst::F32(got_sum.as_mut_ptr()), residual_bf16.as_ptr());
+                    matmul_bf16(m, &bf16_segments, &w, dst, n, Epilogue::ResidualBf16(add));
                 }
                 let shape = format!("{kernels:?} m={m} k={widths:?} n={n}");
                 assert_eq!(got, want, "{shape}");
                 let rounded: Vec<u16> = want.iter().map(|&x| bf16(x)).collect();
                 assert_eq!(got_bf16, rounded, "{shape}");
+                assert_eq!(from_bf16, rounded, "{shape}: bf16 segments to bf16");
+                assert_eq!(got_sum, want_sum, "{shape}: bf16 residual");
             }
         }
     }

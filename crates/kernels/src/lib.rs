@@ -34,7 +34,7 @@ pub mod winograd;
 pub use amx::available as amx_available;
 pub use cpu::{Isa, Kernels};
 pub use gemm::{
-    matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Epilogue, Segment, SegmentBf16, Weights,
+    matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Dst, Epilogue, Segment, SegmentBf16, Weights,
 };
 pub use loops::im2col;
 pub use winograd::Winograd;

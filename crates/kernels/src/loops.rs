@@ -106,8 +106,8 @@ pub fn bias_act(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
 /// channel). Size 3: the 3x3, stride 1, zero padding 1 convolution's patches; size 4: the
 /// input patches of Winograd's 2x2 output blocks.
 #[allow(clippy::too_many_arguments)]
-pub fn im2col(
-    x: &[f32],
+pub fn im2col<T: Copy + Default>(
+    x: &[T],
     h: usize,
     w: usize,
     c: usize,
@@ -115,14 +115,14 @@ pub fn im2col(
     g: usize,
     cols: &[usize],
     size: usize,
-    out: &mut [f32],
+    out: &mut [T],
 ) {
     let (b, i) = (g / h, g % h);
     for (&j, out) in cols.iter().zip(out.chunks_exact_mut(size * size * cp)) {
         for (tap, dst) in out.chunks_exact_mut(cp).enumerate() {
             let (si, sj) = ((i + tap / size).wrapping_sub(1), (j + tap % size).wrapping_sub(1));
             if si >= h || sj >= w {
-                dst.fill(0.0);
+                dst.fill(T::default());
             } else {
                 let src = ((b * h + si) * w + sj) * c;
                 dst.copy_from_slice(&x[src..src + cp]);

@@ -16,9 +16,11 @@
 //!   way there is one level of parallelism and each product is single-threaded.
 //! - Activation buffers are kept between forward passes.
 //! - The bf16 engine (`new_bf16`) runs the body's products on bf16 operands: AMX tiles where
-//!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32. A block's
-//!   hidden activations, read only by fc2, which rounds them to bf16, are written by fc1 in
-//!   bf16; everything else between layers stays fp32.
+//!   the CPU has them, otherwise AVX512-BF16 in the same register tiles as fp32. Its maps
+//!   between layers are bf16 too (as OpenVINO's are), written by each product's epilogue and
+//!   read in place by the next; sums, bias, activation and residual add are fp32 in
+//!   registers, rounded once on the store. Where a block's channel counts are odd (a bf16
+//!   segment is whole pairs) the maps stay fp32 and each product converts its operand.
 //!
 //! Where things are: `pack.rs` lays the folded weights out for the kernels, `schedule.rs`
 //! splits the work into tiles and threads, `team.rs` runs shared tiles on the calling thread
@@ -48,6 +50,7 @@ use super::weights::FasterNetWeights;
 use super::{ModelError, ModelOutput};
 use pack::{ColumnParts, Dense, Stage};
 pub use profile::LayerProfile;
+use schedule::Buffers;
 use team::Team;
 
 impl From<super::Activation> for Activation {
@@ -68,8 +71,11 @@ pub struct FastEngine {
     /// dim3 x feature_dim, no bias (zeros)
     head: ColumnParts,
     classifier: ColumnParts,
-    /// Ping-pong activation buffers, one pair per concurrent pass, kept between calls.
-    buffers: Mutex<Vec<[Vec<f32>; 2]>>,
+    /// Whether the maps between layers are bf16 (`graph.rs`): bf16 weights and even channel
+    /// counts (a bf16 segment is whole pairs).
+    bf16_maps: bool,
+    /// Activation buffers, one set per concurrent pass, kept between calls.
+    buffers: Mutex<Vec<Buffers>>,
     /// What a pass reads of the weights (stem, merges, blocks, head, classifier), in bytes:
     /// whether a thread's images run in groups (`images_per_group`).
     weight_bytes: usize,
@@ -84,9 +90,9 @@ impl FastEngine {
         Self::with_kernels(w, Kernels::detect())
     }
 
-    /// The products on bf16 operands (fp32 accumulation, fp32 activations between layers but
-    /// the blocks' hidden ones), on AMX tiles where the CPU has them. The stem (2% of the work,
-    /// and its 4-wide input segments cost more to convert than they save) stays fp32. The head
+    /// The products on bf16 operands (fp32 accumulation, bf16 maps between layers), on AMX
+    /// tiles where the CPU has them. The stem (2% of the work, and its 4-wide input segments
+    /// cost more to convert than they save) multiplies in fp32 and rounds its output. The head
     /// and the classifier are under 1% of the work but not of the time: at small batches they
     /// stream their weights (7.7 MB in fp32 for ImageNet) once per pass and thread, which bf16
     /// halves.
@@ -144,14 +150,21 @@ mod tests {
     /// gathered patches (`GATHERED_PATCH_PIXELS`). Logits may differ by `tolerance` times their
     /// scale.
     fn engines_agree_for_every_split(got: Kernels, want: Kernels, tolerance: f32) {
+        let engine = |kernels| move |w: &_| FastEngine::with_kernels(w, kernels).unwrap();
+        engines_agree_for_every_split_as(engine(got), engine(want), tolerance)
+    }
+
+    /// As `engines_agree_for_every_split`, for engines that `got` and `want` make.
+    fn engines_agree_for_every_split_as(
+        got: impl Fn(&FasterNetWeights) -> FastEngine,
+        want: impl Fn(&FasterNetWeights) -> FastEngine,
+        tolerance: f32,
+    ) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for variant in [Variant::T0, Variant::T2] {
             let weights =
                 FasterNetWeights::random(&FasterNetConfig::preset(variant, 10), 7).unwrap();
-            let (engine, reference) = (
-                FastEngine::with_kernels(&weights, got).unwrap(),
-                FastEngine::with_kernels(&weights, want).unwrap(),
-            );
+            let (engine, reference) = (got(&weights), want(&weights));
             for (b, h, w) in [(1, 64, 64), (3, 37, 70), (4, 32, 45), (2, 144, 256)] {
                 let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
                 let images: Vec<Tensor> = (0..b).map(|i| x.get(i).unwrap()).collect();
@@ -168,7 +181,8 @@ mod tests {
                 let diff = out.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(
                     diff <= tolerance * scale,
-                    "{got:?} {variant} {b}x{h}x{w}: {diff} (scale {scale})"
+                    "{} {variant} {b}x{h}x{w}: {diff} (scale {scale})",
+                    engine.kernels()
                 );
             }
         }
@@ -227,6 +241,21 @@ mod tests {
     fn bf16_kernels_stay_close_to_fp32_for_every_split() {
         for kernels in Kernels::all_bf16() {
             engines_agree_for_every_split(kernels, Kernels::detect(), 3e-2);
+        }
+    }
+
+    /// The same for the bf16 engine on fp32 maps (its products converting their operands), as
+    /// it runs where a block's channel counts are odd.
+    #[test]
+    fn bf16_kernels_on_fp32_maps_stay_close_to_fp32_for_every_split() {
+        for kernels in Kernels::all_bf16() {
+            let on_fp32_maps = move |w: &_| {
+                let engine = FastEngine::with_kernels(w, kernels).unwrap();
+                assert!(engine.bf16_maps, "{}: even channel counts", engine.kernels());
+                FastEngine { bf16_maps: false, ..engine }
+            };
+            let fp32 = |w: &_| FastEngine::with_kernels(w, Kernels::detect()).unwrap();
+            engines_agree_for_every_split_as(on_fp32_maps, fp32, 3e-2);
         }
     }
 }

@@ -144,6 +144,8 @@ impl FastEngine {
                 .flat_map(|c| &c.parts)
                 .map(|p| p.w.bytes())
                 .sum::<usize>();
+        let bf16_maps = kernels.is_bf16()
+            && stages.iter().flat_map(|s| &s.blocks).all(|b| b.cp % 2 == 0 && b.dim % 2 == 0);
         Ok(Self {
             kernels,
             act: w.config.act.into(),
@@ -152,6 +154,7 @@ impl FastEngine {
             head,
             classifier,
             weight_bytes,
+            bf16_maps,
             buffers: Mutex::new(Vec::new()),
             team: Mutex::new(None),
             profile: LayerProfile::default(),

@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use fasternet_kernels::blocking::{images_per_group, TILE_FLOATS};
+use fasternet_kernels::Dst;
 
 use super::team::Team;
 use super::FastEngine;
@@ -73,6 +74,14 @@ thread_local! {
     pub(super) static HIDDEN_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A pass's activation maps (ping-pong), fp32 or bf16 (the bf16 engine's), kept between
+/// passes.
+#[derive(Default)]
+pub(super) struct Buffers {
+    pub(super) maps: [Vec<f32>; 2],
+    pub(super) maps_bf16: [Vec<u16>; 2],
+}
+
 /// Raw output pointer shared by tiles that write disjoint rows.
 #[derive(Clone, Copy)]
 pub(super) struct Out(pub(super) *mut f32);
@@ -88,6 +97,25 @@ impl Out {
     /// # Safety
     /// `offset` is inside the buffer the pointer came from.
     pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` inside the output buffer (`# Safety` above).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// The same for a product's destination of either element (`Dst`).
+#[derive(Clone, Copy)]
+pub(super) struct SharedDst(pub(super) Dst);
+// SAFETY: as for `Out`.
+unsafe impl Send for SharedDst {}
+// SAFETY: as for `Out`.
+unsafe impl Sync for SharedDst {}
+
+impl SharedDst {
+    /// The destination `offset` values in.
+    ///
+    /// # Safety
+    /// As `Out::at`.
+    pub(super) unsafe fn at(self, offset: usize) -> Dst {
         // SAFETY: the caller keeps `offset` inside the output buffer (`# Safety` above).
         unsafe { self.0.add(offset) }
     }
