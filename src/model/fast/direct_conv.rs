@@ -21,7 +21,7 @@ pub(super) struct RowsBf16<'a> {
 
 /// The cp channels of global image rows `g` and of their neighbours above and below (within
 /// the batch) in bf16, in this thread's scratch, which the caller hands back with
-/// `SCRATCH_BF16.set`; and the first row it holds: for a map without a bf16 copy.
+/// `SCRATCH_BF16.set`; and the first row it holds: for a bf16 engine whose maps stay fp32.
 ///
 /// # Safety
 /// Only where the block's weights take bf16 segments (the CPU has AVX512-BF16).
