@@ -118,11 +118,13 @@ async fn a_full_queue_rejects_fast_with_retry_after_and_every_request_is_answere
 
 #[tokio::test]
 async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
-    // The reference engine takes about a second for a batch of 32 at 224x224 on two cores: a
-    // request queued behind such a batch gives up (300 ms) before the worker gets to it.
+    // The reference engine takes seconds for a batch of 32 T1 images at 224x224 on two cores:
+    // a request queued behind such a batch gives up (1 s) before the worker gets to it. The
+    // timeout also covers the filler's upload and preprocessing, which must end before it
+    // does even on a machine busy with other tests, or the worker would drop the filler.
     let s = Server::start(&[
         "--random-init",
-        "t0",
+        "t1",
         "--engine",
         "reference",
         "--max-batch-size",
@@ -130,7 +132,7 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
         "--max-batch-delay-ms",
         "0",
         "--request-timeout-ms",
-        "300",
+        "1000",
     ])
     .await;
     let c = reqwest::Client::new();
@@ -147,6 +149,8 @@ async fn timed_out_requests_get_504_and_their_images_are_never_computed() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await; // from preprocessed to queued
+    let dropped = s.metric("fasternet_cancelled_images_total").await;
+    assert_eq!(dropped, 0.0, "the filler timed out before the worker took it");
     let r = classify(&c, &s, small_png(99)).await;
     assert_eq!(r.status(), 504);
     let v: serde_json::Value = r.json().await.unwrap();
