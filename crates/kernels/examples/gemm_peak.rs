@@ -3,7 +3,8 @@
 //! microkernel (`Kernels::detect`) on a product shaped like one of the engine's tiles of fc1
 //! (96 rows, 320 x 320 weights: its operands in L2), the same ways; and where the CPU has bf16
 //! kernels, those on the same product, from fp32 rows (fc1's operand) and from bf16 rows
-//! (fc2's).
+//! (fc2's). Last, on one thread, what fc1's GELU epilogue costs against a plain store on the
+//! shapes of T0's and T1's tiles of fc1 (the fewer input channels, the larger its share).
 //!
 //!     cargo run --release -p fasternet-kernels --example gemm_peak [-- THREADS]
 
@@ -92,6 +93,60 @@ fn bf16_microkernel_gflops(threads: usize, kernels: fasternet_kernels::Kernels) 
     rate(threads, 2 * M * K * K, 2000, M * K, run)
 }
 
+/// One thread's GFLOP/s for fc1's products of one tile (m pixels, k -> n channels) of T0's
+/// stages 1-3 and T1's stage 1, with a plain store and with the engine's GELU epilogue: fp32
+/// kernels on fp32 rows, bf16 kernels on bf16 rows into bf16 (`Epilogue::BiasGeluBf16`).
+/// GFLOP/s of `run(dst, false)` and `run(dst, true)` on one thread.
+fn run_both(
+    out: usize,
+    flops: usize,
+    reps: usize,
+    run: &(dyn Fn(&mut [f32], bool) + Sync),
+) -> [f64; 2] {
+    [false, true].map(|gelu| rate(1, flops, reps, out, |dst| run(dst, gelu)))
+}
+
+fn gelu_epilogue_cost(kernels: fasternet_kernels::Kernels) {
+    use fasternet_kernels::{
+        matmul, matmul_bf16, Activation, Dst, Epilogue, Segment, SegmentBf16, Weights,
+    };
+    let bf16 = kernels.is_bf16();
+    for (m, k, n) in [(448, 40, 80), (392, 80, 160), (196, 160, 320), (448, 64, 128)] {
+        let w = Weights::new(k, n, (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect(), kernels);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+        let a_bf16: Vec<u16> = a.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let bias = vec![0.1f32; n];
+        let reps = 400_000_000 / (2 * m * k * n);
+        // The best of five alternating runs each: this machine's neighbours come and go.
+        let (mut store, mut gelu) = (0f64, 0f64);
+        for _ in 0..5 {
+            let [s, g] = run_both(m * n, 2 * m * k * n, reps, &|dst, gelu| {
+                // SAFETY: a (fp32 and bf16) holds m x k values, dst m x n floats (as bf16,
+                // half of them), row stride n; bf16 products only with bf16 weights.
+                unsafe {
+                    if bf16 {
+                        let a = [SegmentBf16 { ptr: a_bf16.as_ptr(), stride: k, k }];
+                        let e = if gelu { Epilogue::BiasGeluBf16(&bias) } else { Epilogue::Store };
+                        matmul_bf16(m, &a, &w, Dst::Bf16(dst.as_mut_ptr().cast()), n, e)
+                    } else {
+                        let a = [Segment { ptr: a.as_ptr(), stride: k, k }];
+                        let act = Some(Activation::Gelu);
+                        let e = if gelu { Epilogue::Bias(&bias, act) } else { Epilogue::Store };
+                        matmul(m, &a, &w, dst.as_mut_ptr(), n, e)
+                    }
+                }
+            });
+            (store, gelu) = (store.max(s), gelu.max(g));
+        }
+        println!(
+            "{} fc1 of {m} pixels, {k} -> {n} channels, 1 thread: {store:.0} GFLOP/s stored, \
+             {gelu:.0} with GELU ({:.0}% more time)",
+            kernels.name(),
+            100.0 * (store / gelu - 1.0)
+        );
+    }
+}
+
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|t| t.parse().ok()).unwrap_or(2);
     gflops(1); // warm-up
@@ -113,5 +168,9 @@ fn main() {
                 bf16_microkernel_gflops(t, kernels)
             );
         }
+    }
+    gelu_epilogue_cost(kernels);
+    if let Some(kernels) = fasternet_kernels::Kernels::detect_bf16() {
+        gelu_epilogue_cost(kernels);
     }
 }
