@@ -16,8 +16,12 @@ inference_mode), `pytorch-cl` (same, channels_last; added by `--channels-last`),
 `openvino` / `openvino-bf16` (the same ONNX file on OpenVINO's CPU plugin, reshaped to each
 batch size statically, with the LATENCY performance hint, one stream, `--threads` inference
 threads and INFERENCE_PRECISION_HINT pinned to f32 or bf16; `openvino-bf16` is skipped on CPUs
-whose OPTIMIZATION_CAPABILITIES lack BF16). All models have random weights: only speed is
-measured. tools/ov_profile.py prints OpenVINO's per-layer profile of one variant and batch.
+whose OPTIMIZATION_CAPABILITIES lack BF16), and `openvino-streams` / `openvino-bf16-streams`
+(OpenVINO's own way to fill several cores with a batch: the THROUGHPUT hint, one stream of one
+thread per `--threads`, each batch split into that many requests of batch / threads images run
+at once; only batch sizes that are multiples of the thread count). All models have random
+weights: only speed is measured. tools/ov_profile.py prints OpenVINO's per-layer profile of
+one variant and batch.
 
 This machine's speed drifts (up to 2x over minutes), so the engines are interleaved: every round
 measures each engine once (A B C A B C ...), each in its own subprocess so thread pools do not
@@ -53,9 +57,12 @@ CACHE_DIR = os.path.join(ROOT, ".data", "bench")
 CANDLE_LINE = re.compile(r"^(\w+) (\d+)x(\d+) batch (\d+): ([0-9.]+) img/s")
 # Engines that run the cached ONNX export, OpenVINO's with their inference precision, and the
 # engines that get a ratio column by default (when they are in the run), in column order.
-ONNX_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
-OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
-REFERENCE_ENGINES = ("pytorch", "onnxruntime", "openvino", "openvino-bf16")
+ONNX_ENGINES = ("onnxruntime", "openvino", "openvino-bf16", "openvino-streams",
+                "openvino-bf16-streams")
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-streams": "f32",
+                      "openvino-bf16-streams": "bf16"}
+REFERENCE_ENGINES = ("pytorch", "onnxruntime", "openvino", "openvino-bf16", "openvino-streams",
+                     "openvino-bf16-streams")
 
 
 def onnx_path(variant, size):
@@ -72,18 +79,22 @@ def ort_session_options(threads):
     return so
 
 
-def ov_compiled_model(core, variant, size, batch, threads, precision, profiling=False):
+def ov_compiled_model(core, variant, size, batch, threads, precision, profiling=False,
+                      streams=False):
     """The cached ONNX export compiled by OpenVINO's CPU plugin for one static batch size: LATENCY
-    performance hint, one stream, `threads` inference threads, inference precision pinned to
-    `precision` ("f32" or "bf16"; the plugin would otherwise pick bf16 by itself on CPUs with
-    AMX), per-node profiling when `profiling`. Raises if the plugin did not take the precision."""
+    performance hint, one stream, `threads` inference threads (with `streams`: the THROUGHPUT
+    hint, `threads` streams of one thread each), inference precision pinned to `precision`
+    ("f32" or "bf16"; the plugin would otherwise pick bf16 by itself on CPUs with AMX),
+    per-node profiling when `profiling`. Raises if the plugin did not take the precision or,
+    with `streams`, the streams."""
     import openvino as ov
     import openvino.properties as props
     import openvino.properties.hint as hints
     want = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
     model = core.read_model(onnx_path(variant, size))
     model.reshape({0: [batch, 3, size, size]})
-    config = {hints.performance_mode: hints.PerformanceMode.LATENCY, props.streams.num: 1,
+    mode = hints.PerformanceMode.THROUGHPUT if streams else hints.PerformanceMode.LATENCY
+    config = {hints.performance_mode: mode, props.streams.num: threads if streams else 1,
               props.inference_num_threads: threads, hints.inference_precision: want}
     if profiling:
         config[props.enable_profiling] = True
@@ -91,6 +102,9 @@ def ov_compiled_model(core, variant, size, batch, threads, precision, profiling=
     got = compiled.get_property(hints.inference_precision)
     if got != want:
         raise RuntimeError(f"OpenVINO compiled {variant} with inference precision {got}, not {want}")
+    if streams and compiled.get_property(props.streams.num) != threads:
+        raise RuntimeError(f"OpenVINO compiled {variant} with "
+                           f"{compiled.get_property(props.streams.num)} streams, not {threads}")
     return compiled
 
 
@@ -192,13 +206,31 @@ def run_worker(a):
             sys.exit("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES: "
                      + ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")) + ")")
 
+        streams = a.worker.endswith("-streams")
+        # With streams, a batch is `threads` requests of batch / threads images at once.
+        parts = a.threads if streams else 1
+        batches = [b for b in batches if b % parts == 0]
+
         def make_step(b):
-            # Compiled per batch size (static shapes), outside the timed loop; the input tensor
-            # is set once, as ONNX Runtime reads the same numpy buffer on every call.
-            request = ov_compiled_model(core, variant, a.size, b, a.threads, precision).create_infer_request()
-            request.set_input_tensor(ov.Tensor(np.random.default_rng(0).standard_normal(
-                (b, 3, a.size, a.size), dtype=np.float32)))
-            return request.infer
+            # Compiled per batch size (static shapes), outside the timed loop; each request's
+            # input tensor is set once, as ONNX Runtime reads the same numpy buffer on every call.
+            compiled = ov_compiled_model(core, variant, a.size, b // parts, a.threads, precision,
+                                         streams=streams)
+            x = ov.Tensor(np.random.default_rng(0).standard_normal(
+                (b // parts, 3, a.size, a.size), dtype=np.float32))
+            if not streams:
+                request = compiled.create_infer_request()
+                request.set_input_tensor(x)
+                return request.infer
+            queue = ov.AsyncInferQueue(compiled, parts)
+            for request in queue:
+                request.set_input_tensor(x)
+
+            def step():
+                for _ in range(parts):
+                    queue.start_async()
+                queue.wait_all()
+            return step
     else:
         sys.exit(f"unknown worker engine {a.worker!r}")
     print(json.dumps({b: time_loop(make_step(b), b, a.seconds) for b in batches}), flush=True)
@@ -302,7 +334,8 @@ def machine_line(m):
 
 def ratio_bases(engines, requested):
     """The engines that get a `vs ENGINE` column: `--ratio-against`, else every reference engine
-    in the run (pytorch, onnxruntime, openvino, openvino-bf16, in that order)."""
+    in the run (pytorch, onnxruntime, openvino, openvino-bf16 and their -streams, in that
+    order)."""
     return requested if requested is not None else [e for e in REFERENCE_ENGINES if e in engines]
 
 
@@ -387,8 +420,8 @@ def onnx_engines_ready(engines, a):
             print(f"OpenVINO {caps['version']}, CPU plugin capabilities: {', '.join(caps['capabilities'])}",
                   file=sys.stderr)
             if "BF16" not in caps["capabilities"]:
-                drop(["openvino-bf16"], "this CPU has no bf16 support in OpenVINO "
-                     "(BF16 not in the CPU plugin's OPTIMIZATION_CAPABILITIES)")
+                drop(["openvino-bf16", "openvino-bf16-streams"], "this CPU has no bf16 support "
+                     "in OpenVINO (BF16 not in the CPU plugin's OPTIMIZATION_CAPABILITIES)")
     return engines
 
 
@@ -402,13 +435,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--engines", type=csv, default=["candle", "pytorch", "onnxruntime"],
-                    help="candle, candle:NAME, pytorch, pytorch-cl, onnxruntime, openvino, openvino-bf16")
+                    help="candle, candle:NAME, pytorch, pytorch-cl, onnxruntime, openvino, "
+                         "openvino-bf16, openvino-streams, openvino-bf16-streams")
     ap.add_argument("--channels-last", action="store_true", help="also measure pytorch-cl")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "fasternet-serve"))
     ap.add_argument("--rust-engine-flag", metavar="NAME", help="pass --engine NAME to the binary")
     ap.add_argument("--ratio-against", type=csv, metavar="ENGINES",
                     help="engines to divide by, one `vs` column each (default: those of pytorch, "
-                         "onnxruntime, openvino, openvino-bf16 in the run)")
+                         "onnxruntime, openvino, openvino-bf16 and their -streams in the run)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", metavar="FILE", help="save the raw results (every round) and the machine")
     ap.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the results (matplotlib)")
