@@ -210,6 +210,8 @@ def run_worker(a):
         # With streams, a batch is `threads` requests of batch / threads images at once.
         parts = a.threads if streams else 1
         batches = [b for b in batches if b % parts == 0]
+        if not batches:
+            sys.exit(f"{a.worker} needs a batch size that is a multiple of --threads ({parts})")
 
         def make_step(b):
             # Compiled per batch size (static shapes), outside the timed loop; each request's
