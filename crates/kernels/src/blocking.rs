@@ -22,14 +22,6 @@ pub const TILE_FLOATS: usize = 96 * 1024;
 /// one product instead (`gathers_patches`).
 pub const GATHER_ABOVE_FLOATS: usize = 256 * 1024;
 
-/// A strided convolution that multiplies each output row's patches where they lie asks, while
-/// it multiplies row r, for row r + this many's patches to be brought into L2
-/// (`Segment::prefetch`). The stem reads each image once, from L3 or memory (a pass pushes it
-/// out of L2), as twelve 16-byte pieces per pixel from twelve image rows, which the hardware
-/// prefetchers do not keep ahead of, so without this it waits for memory (measured in
-/// docs/benchmark-log.md).
-pub const PREFETCH_ROWS_AHEAD: usize = 2;
-
 /// Fewest output pixels per product: with fewer, the register tiles run mostly empty.
 pub const MIN_PRODUCT_PIXELS: usize = 16;
 

@@ -3,9 +3,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use fasternet_kernels::blocking::{
-    gathers_patches, min_rows_for, HEAD_PART_COLUMNS, PREFETCH_ROWS_AHEAD,
-};
+use fasternet_kernels::blocking::{gathers_patches, min_rows_for, HEAD_PART_COLUMNS};
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{
     grow, matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Activation, Dst, Epilogue, Segment,
@@ -242,10 +240,10 @@ impl FastEngine {
     /// x n) = A @ w + bias, where `segments(row, list)` lists where the patches of output image
     /// row `row` are in the input (consecutive output pixels are a fixed stride apart there).
     ///
-    /// Small weights: one product per output row, its patches read in place (a later row's
-    /// asked for ahead: `PREFETCH_ROWS_AHEAD`). Weights larger than L2 are fetched from L3
-    /// again by every product, which per row means once per few pixels (T2's last merge: 4.7
-    /// MB for 7); such convolutions (and every one on the AVX2 kernels: `gathers_patches`)
+    /// Small weights: one product per output row, its patches read in place (the tile's read
+    /// into cache first, in address order: `Segment::load_into_cache`). Weights larger than L2
+    /// are fetched from L3 again by every product, which per row means once per few pixels
+    /// (T2's last merge: 4.7 MB for 7); such convolutions (and every one on the AVX2 kernels: `gathers_patches`)
     /// copy a tile's patches into one matrix (k values per pixel, against k n multiply-adds)
     /// for one product per tile, and take tiles of at least as many floats as the weights, or
     /// an equal share of the rows where threads share them, as the blocks do.
@@ -269,11 +267,12 @@ impl FastEngine {
             let mut list = Vec::new();
             if !gather {
                 for row in g.clone() {
-                    if row + PREFETCH_ROWS_AHEAD < g.end {
-                        list.clear();
-                        segments(row + PREFETCH_ROWS_AHEAD, &mut list);
-                        list.iter().for_each(|s| s.prefetch(w_out));
-                    }
+                    list.clear();
+                    segments(row, &mut list);
+                    // SAFETY: the caller's segments cover the row's w_out patches.
+                    list.iter().for_each(|s| unsafe { s.load_into_cache(w_out) });
+                }
+                for row in g.clone() {
                     list.clear();
                     segments(row, &mut list);
                     // SAFETY: tiles are disjoint row ranges of `out`; the caller's segments
