@@ -243,10 +243,11 @@ impl FastEngine {
     /// Small weights: one product per output row, its patches read in place (the tile's read
     /// into cache first, in address order: `Segment::load_into_cache`). Weights larger than L2
     /// are fetched from L3 again by every product, which per row means once per few pixels
-    /// (T2's last merge: 4.7 MB for 7); such convolutions (and every one on the AVX2 kernels: `gathers_patches`)
-    /// copy a tile's patches into one matrix (k values per pixel, against k n multiply-adds)
-    /// for one product per tile, and take tiles of at least as many floats as the weights, or
-    /// an equal share of the rows where threads share them, as the blocks do.
+    /// (T2's last merge: 4.7 MB for 7); such convolutions (and every one on the AVX2 kernels:
+    /// `gathers_patches`) copy a tile's patches into one matrix (k values per pixel, against
+    /// k n multiply-adds) for one product per tile, and take tiles of at least as many floats
+    /// as the weights, or an equal share of the rows where threads share them, as the blocks
+    /// do.
     fn strided_conv<T: MapElement>(
         &self,
         out: SharedDst,
