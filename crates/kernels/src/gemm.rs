@@ -562,9 +562,6 @@ mod tests {
         }
     }
 
-    /// The GELU epilogues of this CPU's kernels against the portable one (itself checked
-    /// against the f64 definition in `loops::tests`) from -12 to 12, past the erf clamps:
-    /// the exact one to 1e-6 relative, the bf16 engine's to 1e-4 |x|.
     /// Reads stay inside the segment's rows, to the last element, on buffers of exactly that
     /// length (an overrun is what valgrind's run of these tests in CI reports).
     #[test]
@@ -581,6 +578,9 @@ mod tests {
         }
     }
 
+    /// The GELU epilogues of this CPU's kernels against the portable one (itself checked
+    /// against the f64 definition in `loops::tests`) from -12 to 12, past the erf clamps:
+    /// the exact one to 1e-6 relative, the bf16 engine's to 1e-4 |x|.
     #[test]
     fn gelu_epilogue_agrees_with_the_portable_one_over_a_wide_range() {
         let xs: Vec<f32> = (-1200..=1200).map(|i| i as f32 / 100.0).collect();
