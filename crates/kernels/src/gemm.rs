@@ -41,8 +41,8 @@ impl<T> Segment<T> {
     /// order, so that the product that follows finds them in cache. A strided convolution's
     /// product reads its patches a few values of each of several input rows at a time (the
     /// stem: 16 bytes of each of twelve image rows), an order the hardware prefetchers do not
-    /// keep ahead of, so it waited for memory; read in order first, the same bytes stream in
-    /// (measured in docs/benchmark-log.md).
+    /// keep ahead of, so the product would wait for memory; read in address order first, the
+    /// same bytes stream in (measured in docs/benchmark-log.md).
     ///
     /// # Safety
     /// The segment's first `rows` rows are readable, as for a product over them.
