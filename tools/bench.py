@@ -19,8 +19,14 @@ threads and INFERENCE_PRECISION_HINT pinned to f32 or bf16; `openvino-bf16` is s
 whose OPTIMIZATION_CAPABILITIES lack BF16), and `openvino-streams` / `openvino-bf16-streams`
 (OpenVINO's own way to fill several cores with a batch: the THROUGHPUT hint, one stream of one
 thread per `--threads`, each batch split into that many requests of batch / threads images run
-at once; only batch sizes that are multiples of the thread count). All models have random
-weights: only speed is measured. tools/ov_profile.py prints OpenVINO's per-layer profile of
+at once; only batch sizes that are multiples of the thread count), and two int8 peers:
+`openvino-int8` (the ONNX file quantised by NNCF's post-training quantisation, `nncf.quantize`
+with its defaults: int8 weights per output channel, activations per tensor; compiled as
+`openvino`, its layers left in floating point in bf16 where the CPU has it, else f32) and
+`onnxruntime-int8` (ONNX Runtime's static quantisation, `quantize_static`: QDQ format, int8
+weights per channel, uint8 activations, MinMax calibration); both calibrated on the same 100
+standard-normal images and cached under .data/bench/. All models have random weights: only
+speed is measured. tools/ov_profile.py prints OpenVINO's per-layer profile of
 one variant and batch.
 
 This machine's speed drifts (up to 2x over minutes), so the engines are interleaved: every round
@@ -38,8 +44,9 @@ redraws the chart from a saved run without measuring.
 
 Internal: `bench.py --worker ENGINE --variants t0 --size 224 --batch 1,8 --threads 2 --seconds 5`
 measures one engine in-process and prints one JSON line {"batch": images_per_second, ...};
-`--worker export` writes the cached ONNX file(s); `--worker openvino-caps` prints OpenVINO's
-version and the CPU plugin's OPTIMIZATION_CAPABILITIES as one JSON line.
+`--worker export` writes the cached ONNX file(s), `--worker quantize --engines ENGINE` an int8
+peer's quantised model(s); `--worker openvino-caps` prints OpenVINO's version and the CPU
+plugin's OPTIMIZATION_CAPABILITIES as one JSON line.
 """
 import argparse
 import importlib.metadata
@@ -57,16 +64,26 @@ CACHE_DIR = os.path.join(ROOT, ".data", "bench")
 CANDLE_LINE = re.compile(r"^(\w+) (\d+)x(\d+) batch (\d+): ([0-9.]+) img/s")
 # Engines that run the cached ONNX export, OpenVINO's with their inference precision, and the
 # engines that get a ratio column by default (when they are in the run), in column order.
-ONNX_ENGINES = ("onnxruntime", "openvino", "openvino-bf16", "openvino-streams",
-                "openvino-bf16-streams")
+ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
+                "openvino-streams", "openvino-bf16-streams", "openvino-int8")
 OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-streams": "f32",
-                      "openvino-bf16-streams": "bf16"}
+                      "openvino-bf16-streams": "bf16", "openvino-int8": "int8"}
+INT8_ENGINES = ("onnxruntime-int8", "openvino-int8")
 REFERENCE_ENGINES = ("pytorch", "onnxruntime", "openvino", "openvino-bf16", "openvino-streams",
-                     "openvino-bf16-streams")
+                     "openvino-bf16-streams", "openvino-int8", "onnxruntime-int8")
+# The int8 peers' calibration images: standard normal, seed 0 (the weights are random too).
+CALIBRATION_IMAGES = 100
 
 
 def onnx_path(variant, size):
     return os.path.join(CACHE_DIR, f"fasternet_{variant}_{size}.onnx")
+
+
+def int8_path(engine, variant, size):
+    """An int8 peer's cached quantised model: ONNX for ONNX Runtime, OpenVINO's IR (.xml, its
+    weights in the .bin beside it) for OpenVINO."""
+    ext = "xml" if engine == "openvino-int8" else "onnx"
+    return os.path.join(CACHE_DIR, f"fasternet_{variant}_{size}_int8.{ext}")
 
 
 def ort_session_options(threads):
@@ -84,14 +101,19 @@ def ov_compiled_model(core, variant, size, batch, threads, precision, profiling=
     """The cached ONNX export compiled by OpenVINO's CPU plugin for one static batch size: LATENCY
     performance hint, one stream, `threads` inference threads (with `streams`: the THROUGHPUT
     hint, `threads` streams of one thread each), inference precision pinned to `precision`
-    ("f32" or "bf16"; the plugin would otherwise pick bf16 by itself on CPUs with AMX),
+    ("f32" or "bf16"; the plugin would otherwise pick bf16 by itself on CPUs with AMX; "int8":
+    the NNCF-quantised model, its floating-point layers in bf16 where the CPU has it, else f32),
     per-node profiling when `profiling`. Raises if the plugin did not take the precision or,
     with `streams`, the streams."""
     import openvino as ov
     import openvino.properties as props
     import openvino.properties.hint as hints
+    if precision == "int8":
+        model = core.read_model(int8_path("openvino-int8", variant, size))
+        precision = "bf16" if ov_bf16_supported(core) else "f32"
+    else:
+        model = core.read_model(onnx_path(variant, size))
     want = {"f32": ov.Type.f32, "bf16": ov.Type.bf16}[precision]
-    model = core.read_model(onnx_path(variant, size))
     model.reshape({0: [batch, 3, size, size]})
     mode = hints.PerformanceMode.THROUGHPUT if streams else hints.PerformanceMode.LATENCY
     config = {hints.performance_mode: mode, props.streams.num: threads if streams else 1,
@@ -161,11 +183,59 @@ def export_onnx(variant, size):
     os.replace(tmp, path)
 
 
+def calibration_images(size):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((1, 3, size, size), dtype=np.float32)
+            for _ in range(CALIBRATION_IMAGES)]
+
+
+def quantize(engine, variant, size):
+    """Writes an int8 peer's quantised model (`int8_path`) from the cached ONNX export, once."""
+    path = int8_path(engine, variant, size)
+    if os.path.exists(path):
+        return
+    if engine == "openvino-int8":
+        import nncf
+        import openvino as ov
+        model = ov.Core().read_model(onnx_path(variant, size))
+        model.reshape({0: [1, 3, size, size]})
+        quantized = nncf.quantize(model, nncf.Dataset(calibration_images(size)),
+                                  subset_size=CALIBRATION_IMAGES)
+        # The .xml last: its presence says the pair is complete.
+        tmp = path[:-len(".xml")] + ".tmp.xml"
+        ov.save_model(quantized, tmp)
+        os.replace(tmp[:-len(".xml")] + ".bin", path[:-len(".xml")] + ".bin")
+        os.replace(tmp, path)
+        return
+    from onnxruntime import quantization as q
+
+    class Images(q.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = ({"input": x} for x in calibration_images(size))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    prepared, tmp = path + ".prepared", path + ".tmp"
+    q.quant_pre_process(onnx_path(variant, size), prepared)
+    # u8 activations x s8 weights: the operand types of VNNI's vpdpbusd.
+    q.quantize_static(prepared, tmp, Images(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                      calibrate_method=q.CalibrationMethod.MinMax)
+    os.remove(prepared)
+    os.replace(tmp, path)
+
+
 def run_worker(a):
     variant, batches = a.variants[0], a.batch
     if a.worker == "export":
         for v in a.variants:
             export_onnx(v, a.size)
+        return
+    if a.worker == "quantize":
+        for v in a.variants:
+            quantize(a.engines[0], v, a.size)
         return
     if a.worker == "openvino-caps":
         import openvino as ov
@@ -187,10 +257,12 @@ def run_worker(a):
                 with torch.inference_mode():
                     model(x)
             return step
-    elif a.worker == "onnxruntime":
+    elif a.worker in ("onnxruntime", "onnxruntime-int8"):
         import numpy as np
         import onnxruntime as ort
-        sess = ort.InferenceSession(onnx_path(variant, a.size), ort_session_options(a.threads),
+        path = (int8_path(a.worker, variant, a.size) if a.worker in INT8_ENGINES
+                else onnx_path(variant, a.size))
+        sess = ort.InferenceSession(path, ort_session_options(a.threads),
                                     providers=["CPUExecutionProvider"])
 
         def make_step(b):
@@ -318,6 +390,8 @@ def machine(a, engines):
     versions = {pkg: package_version(pkg) for pkg in ("torch", "onnxruntime", "timm")}
     if any(e in OPENVINO_PRECISION for e in engines):
         versions["openvino"] = package_version("openvino")
+    if "openvino-int8" in engines:
+        versions["nncf"] = package_version("nncf")
     return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)), "threads": a.threads, "size": a.size,
             "rounds": a.rounds, "seconds": a.seconds, "versions": versions,
@@ -410,6 +484,14 @@ def onnx_engines_ready(engines, a):
                            capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
         if p.returncode != 0:
             drop(ONNX_ENGINES, f"export failed:\n{p.stderr.strip()[-2000:]}")
+    for engine in [e for e in engines if e in INT8_ENGINES]:
+        print(f"quantising for {engine} (cached in .data/bench/) ...", file=sys.stderr)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "quantize",
+                            "--engines", engine, "--variants", ",".join(a.variants),
+                            "--size", str(a.size)],
+                           capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
+        if p.returncode != 0:
+            drop([engine], f"quantisation failed:\n{p.stderr.strip()[-2000:]}")
     if any(e in OPENVINO_PRECISION for e in engines):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "openvino-caps"],
                            capture_output=True, text=True, env=worker_env(a.threads), cwd=ROOT)
@@ -437,8 +519,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--engines", type=csv, default=["candle", "pytorch", "onnxruntime"],
-                    help="candle, candle:NAME, pytorch, pytorch-cl, onnxruntime, openvino, "
-                         "openvino-bf16, openvino-streams, openvino-bf16-streams")
+                    help="candle, candle:NAME, pytorch, pytorch-cl, onnxruntime, "
+                         "onnxruntime-int8, openvino, openvino-bf16, openvino-streams, "
+                         "openvino-bf16-streams, openvino-int8")
     ap.add_argument("--channels-last", action="store_true", help="also measure pytorch-cl")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "fasternet-serve"))
     ap.add_argument("--rust-engine-flag", metavar="NAME", help="pass --engine NAME to the binary")
