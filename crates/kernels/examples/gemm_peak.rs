@@ -3,7 +3,7 @@
 //! microkernel (`Kernels::detect`) on a product shaped like one of the engine's tiles of fc1
 //! (96 rows, 320 x 320 weights: its operands in L2), the same ways; and where the CPU has bf16
 //! kernels, those on the same product, from fp32 rows (fc1's operand) and from bf16 rows
-//! (fc2's). Last, on one thread, what fc1's GELU epilogue costs against a plain store on the
+//! (fc2's); where it has int8 kernels, those from u8 rows (GOP/s: two per multiply-add). Last, on one thread, what fc1's GELU epilogue costs against a plain store on the
 //! shapes of T0's and T1's tiles of fc1 (the fewer input channels, the larger its share).
 //!
 //!     cargo run --release -p fasternet-kernels --example gemm_peak [-- THREADS]
@@ -93,6 +93,21 @@ fn bf16_microkernel_gflops(threads: usize, kernels: fasternet_kernels::Kernels) 
     rate(threads, 2 * M * K * K, 2000, M * K, run)
 }
 
+/// As `microkernel_gflops` with int8 kernels on u8 rows, into bf16 (an int8 engine's maps).
+fn int8_microkernel_gops(threads: usize, kernels: fasternet_kernels::Kernels) -> f64 {
+    use fasternet_kernels::{matmul_u8, Dst, Epilogue, QuantU8, Segment, WeightsI8};
+    let w = WeightsI8::new(K, K, &vec![0.5; K * K], QuantU8::covering(-1.0, 1.0), kernels);
+    let a = vec![0x81u8; M * K];
+    let run = |dst: &mut [f32]| {
+        let segments = [Segment { ptr: a.as_ptr(), stride: K, k: K }];
+        let dst = Dst::Bf16(dst.as_mut_ptr().cast());
+        // SAFETY: a holds M x K u8 values and dst M x K bf16 values (half of its floats), row
+        // stride K, a multiple of 4; the weights are int8 (`detect_int8`).
+        unsafe { matmul_u8(M, &segments, &w, dst, K, Epilogue::Store) }
+    };
+    rate(threads, 2 * M * K * K, 2000, M * K, run)
+}
+
 /// One thread's GFLOP/s for fc1's products of one tile (m pixels, k -> n channels) of T0's
 /// stages 1-3 and T1's stage 1, with a plain store and with the engine's GELU epilogue: fp32
 /// kernels on fp32 rows, bf16 kernels on bf16 rows into bf16 (`Epilogue::BiasGeluBf16`).
@@ -166,6 +181,15 @@ fn main() {
                 "{name} microkernel, {t} thread(s): {:.0} GFLOP/s from fp32 rows, {:.0} from bf16 rows",
                 microkernel_gflops(t, kernels),
                 bf16_microkernel_gflops(t, kernels)
+            );
+        }
+    }
+    if let Some(kernels) = fasternet_kernels::Kernels::detect_int8() {
+        for t in [1, threads] {
+            println!(
+                "{} microkernel, {t} thread(s): {:.0} GOP/s from u8 rows",
+                kernels.name(),
+                int8_microkernel_gops(t, kernels)
             );
         }
     }

@@ -1,12 +1,14 @@
 //! Our AVX-512 microkernel: R rows x NV vectors of 16 columns of accumulators (9 x 3 or
 //! 12 x 2, 27 or 24 of the 32 zmm registers) on weight panels packed by `Weights::new`, the
-//! activations broadcast straight from their rows; fp32 operands, or bf16 pairs on
-//! AVX512-BF16 (`vdpbf16ps`) with fp32 accumulators. The epilogue runs on the accumulators.
+//! activations broadcast straight from their rows; fp32 operands, bf16 pairs on
+//! AVX512-BF16 (`vdpbf16ps`) with fp32 accumulators, or u8 x s8 quads on AVX512-VNNI
+//! (`vpdpbusd`) with i32 accumulators. The epilogue runs on the accumulators.
 
 use std::arch::x86_64::*;
 
 use crate::blocking::MAX_TILE_ROWS;
 use crate::gemm::{Dst, Epilogue, Segment, SegmentBf16, Weights};
+use crate::int8::WeightsI8;
 use crate::loops::{ERF_CLAMP, ERF_DEN, ERF_NUM};
 use crate::Activation;
 
@@ -189,6 +191,31 @@ pub unsafe fn matmul_bf16_segments(
     }
 }
 
+/// As `matmul`, on u8 rows and int8 weights (`int8::matmul_u8`): each tile multiplies quads
+/// of k.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_u8(
+    m: usize,
+    a: &[Segment<u8>],
+    w: &WeightsI8,
+    data: &[i8],
+    dst: Dst,
+    dst_rs: usize,
+    epilogue: Epilogue,
+) {
+    // SAFETY: only reached through weights packed for these kernels, which `Kernels` chose
+    // because this CPU has the features enabled here; the pointers are as
+    // `int8::matmul_u8`'s contract requires, and `scale` and `offset` hold whole vectors.
+    unsafe {
+        let kp = w.padded_k();
+        for_each_tile(m, w.n, dst, dst_rs, |rows, vectors, at| {
+            let panel = data.as_ptr().add(at.j0 * kp);
+            let dequantise = [w.scale.as_ptr().add(at.j0), w.offset.as_ptr().add(at.j0)];
+            dispatch!(rows, vectors, tile_u8(a, panel, dequantise, at, epilogue))
+        });
+    }
+}
+
 /// k floats at `src` to bf16 at `dst`, rounding to nearest even.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
@@ -312,6 +339,24 @@ macro_rules! store {
             }
         }
     }};
+}
+
+/// `store!` into the tile's fp32 or bf16 destination.
+macro_rules! store_to_dst {
+    ($sums:expr, $t:expr, $epilogue:expr, $nv:expr) => {
+        match $t.dst {
+            Dst::F32(dst) => store!($sums, $t, $epilogue, $nv, |at, mask, out| {
+                _mm512_mask_storeu_ps(dst.add(at), mask, out)
+            }),
+            Dst::Bf16(dst) => {
+                store!($sums, $t, $epilogue, $nv, |at, mask, out| store_bf16(
+                    dst.add(at),
+                    mask,
+                    out
+                ))
+            }
+        }
+    };
 }
 
 /// The epilogue on one vector of sums, at output row `row` (of stride `dst_rs`), column `col`.
@@ -482,16 +527,76 @@ unsafe fn tile_bf16<const R: usize, const NV: usize>(
             wp = wp.add(16 * NV * s.k);
         }
         let sums = for_store(&acc);
-        match t.dst {
-            Dst::F32(dst) => store!(sums, t, epilogue, NV, |at, mask, out| {
-                _mm512_mask_storeu_ps(dst.add(at), mask, out)
-            }),
-            Dst::Bf16(dst) => {
-                store!(sums, t, epilogue, NV, |at, mask, out| {
-                    store_bf16(dst.add(at), mask, out)
-                })
+        store_to_dst!(sums, t, epilogue, NV);
+    }
+}
+
+/// `tile` on u8 segments and an s8 panel, each step a quad of k summed in i32, the sums
+/// made real values (`scale` x sum + `offset`, per column) before the epilogue.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_u8<const R: usize, const NV: usize>(
+    a: &[Segment<u8>],
+    panel: *const i8,
+    [scale, offset]: [*const f32; 2],
+    t: &Tile,
+    epilogue: Epilogue,
+) {
+    // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+    // panel, the per-column vectors and dst that `matmul_u8` was given.
+    unsafe {
+        prefetch_epilogue::<R, NV>(t, &epilogue);
+        let mut acc = [[_mm512_setzero_si512(); NV]; R];
+        let mut wp = panel;
+        for s in a {
+            if !s.ptr.is_null() {
+                acc =
+                    accumulate_u8::<R, NV>(acc, s.ptr.add(t.r0 * s.stride), s.stride, s.k / 4, wp);
+            }
+            wp = wp.add(16 * NV * s.k);
+        }
+        let mut sums = [[_mm512_setzero_ps(); NV]; R];
+        for v in 0..NV {
+            let (scale, offset) =
+                (_mm512_loadu_ps(scale.add(16 * v)), _mm512_loadu_ps(offset.add(16 * v)));
+            for r in 0..R {
+                sums[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), scale, offset);
             }
         }
+        store_to_dst!(sums, t, epilogue, NV);
+    }
+}
+
+/// acc += (R rows of `quads` quads of u8 values at `rowp`, row stride `stride`) @ (`quads`
+/// quads of rows x 16 NV s8 panel at `wp`, each quad's rows interleaved), in i32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn accumulate_u8<const R: usize, const NV: usize>(
+    mut acc: [[__m512i; NV]; R],
+    mut rowp: *const u8,
+    stride: usize,
+    quads: usize,
+    mut wp: *const i8,
+) -> [[__m512i; NV]; R] {
+    // SAFETY: `for_each_tile` hands this tile's rows and columns, inside the segments, the
+    // panel and dst that `matmul_u8` was given.
+    unsafe {
+        for _ in 0..quads {
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_si512(wp.add(64 * v).cast());
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // One row's quad of u8 values in every 32-bit lane.
+                let x = _mm512_set1_epi32(rowp.add(r * stride).cast::<i32>().read_unaligned());
+                for v in 0..NV {
+                    acc[v] = _mm512_dpbusd_epi32(acc[v], x, wv[v]);
+                }
+            }
+            rowp = rowp.add(4);
+            wp = wp.add(64 * NV);
+        }
+        acc
     }
 }
 

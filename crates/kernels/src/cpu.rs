@@ -11,6 +11,9 @@ pub enum Isa {
     Avx512Bf16,
     /// bf16 operands on AMX tiles (`amx.rs`), fp32 accumulators.
     Amx,
+    /// u8 x s8 products for `WeightsI8` (AVX512-VNNI, `int8.rs`), and for float weights the
+    /// products of `Avx512Bf16`, which every such CPU here also has.
+    Avx512Vnni,
     /// Our AVX2 + FMA microkernel (`avx2.rs`) on pre-packed panels: fp32 only.
     Avx2,
     /// The `gemm` crate with a plain epilogue: any CPU.
@@ -77,6 +80,21 @@ impl Kernels {
         }
     }
 
+    /// int8 kernels, where the CPU has AVX512-VNNI beside AVX512-BF16 (AMD Zen 4 and 5, Intel
+    /// Xeons from Sapphire Rapids).
+    pub fn detect_int8() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if Self::detect_bf16().is_some() && std::arch::is_x86_feature_detected!("avx512vnni") {
+            return Some(Self(Isa::Avx512Vnni));
+        }
+        None
+    }
+
+    /// Every int8 kernel set this CPU runs, the portable one last, for tests.
+    pub fn all_int8() -> Vec<Self> {
+        Self::detect_int8().into_iter().chain([Self::portable()]).collect()
+    }
+
     /// Plain code that runs anywhere: the reference the others are tested against.
     pub fn portable() -> Self {
         Self(Isa::Portable)
@@ -96,7 +114,7 @@ impl Kernels {
 
     /// Whether products round their operands to bf16.
     pub fn is_bf16(self) -> bool {
-        matches!(self.0, Isa::Avx512Bf16 | Isa::Amx)
+        matches!(self.0, Isa::Avx512Bf16 | Isa::Amx | Isa::Avx512Vnni)
     }
 
     /// Whether the AVX-512 fp32 code (microkernel, Winograd transforms) may run.
@@ -120,6 +138,7 @@ impl Kernels {
             Isa::Avx512 => "AVX-512",
             Isa::Avx512Bf16 => "AVX512-BF16",
             Isa::Amx => "AMX bf16 tiles",
+            Isa::Avx512Vnni => "AVX512-VNNI int8",
             Isa::Avx2 => "AVX2",
             Isa::Portable => "portable (gemm crate)",
         }

@@ -152,7 +152,7 @@ impl Weights {
                 Isa::Portable => Layout::RowMajor(row_major),
                 Isa::Avx2 => Layout::PanelsAvx2(fp32_panels(panels(avx2::panel_vectors(n), 8))),
                 Isa::Avx512 => Layout::Panels(fp32_panels(panels(avx512::panel_vectors(n), 16))),
-                Isa::Avx512Bf16 => {
+                Isa::Avx512Bf16 | Isa::Avx512Vnni => {
                     let mut data = Vec::with_capacity(k.next_multiple_of(2) * n.div_ceil(16) * 16);
                     for (j0, width) in panels(avx512::panel_vectors(n), 16) {
                         for i in (0..k).step_by(2) {
@@ -382,8 +382,56 @@ unsafe fn portable(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Products' (m, k, n) for the kernels' tests: every row count 1..=12 and panel shape
+    /// (AVX-512: 16, 32, 48, masked; AVX2: 8, 16, masked), odd and even k.
+    pub(crate) const SHAPES: [(usize, usize, usize); 8] = [
+        (1, 3, 1),
+        (12, 40, 80),
+        (29, 17, 40),
+        (7, 90, 10),
+        (37, 64, 100),
+        (9, 5, 48),
+        (21, 8, 112),
+        (70, 135, 80),
+    ];
+
+    /// Every epilogue with an fp32 residual, on `bias` and `residual`.
+    pub(crate) fn epilogues<'a>(bias: &'a [f32], residual: &'a [f32]) -> [Epilogue<'a>; 5] {
+        [
+            Epilogue::Store,
+            Epilogue::Bias(bias, Some(Activation::Gelu)),
+            Epilogue::BiasGeluBf16(bias),
+            Epilogue::Bias(bias, Some(Activation::Relu)),
+            Epilogue::Residual(residual.as_ptr()),
+        ]
+    }
+
+    /// What `epilogue` (of `epilogues`) makes of the product `p` at index `i` of the output.
+    pub(crate) fn expected(epilogue: Epilogue, p: f64, i: usize, bias: &[f32], res: &[f32]) -> f64 {
+        let x = p + f64::from(bias[i % bias.len()]);
+        match epilogue {
+            Epilogue::Store => p,
+            Epilogue::Bias(_, Some(Activation::Gelu)) | Epilogue::BiasGeluBf16(_) => {
+                0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))
+            }
+            Epilogue::Bias(_, _) => x.max(0.0),
+            Epilogue::Residual(_) => p + f64::from(res[i]),
+            Epilogue::ResidualBf16(_) => unreachable!("not among `epilogues`"),
+        }
+    }
+
+    /// A generator of uniform values in [-0.5, 0.5) (xorshift), the same sequence per seed.
+    pub(crate) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        }
+    }
 
     fn reference(m: usize, k: usize, n: usize, a: &[f32], w: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; m * n];
@@ -401,26 +449,8 @@ mod tests {
     /// CPU's kernels (fp32 and, where it has them, bf16) and on the portable ones.
     #[test]
     fn matches_a_plain_product() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        for (m, k, n) in [
-            (1, 3, 1),
-            (12, 40, 80),
-            (29, 17, 40),
-            (7, 90, 10),
-            (37, 64, 100),
-            (9, 5, 48),
-            (21, 8, 112),
-            (70, 135, 80),
-            (2, 7, 24),
-            (3, 33, 20),
-            (8, 16, 8),
-        ] {
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
+        for (m, k, n) in SHAPES.into_iter().chain([(2, 7, 24), (3, 33, 20), (8, 16, 8)]) {
             let mut a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let wm: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
@@ -442,31 +472,14 @@ mod tests {
             for kernels in Kernels::all_fp32().into_iter().chain(Kernels::all_bf16()) {
                 let want = if kernels.is_bf16() { &rounded } else { &exact };
                 let w = Weights::new(k, n, wm.clone(), kernels);
-                let epilogues = [
-                    Epilogue::Store,
-                    Epilogue::Bias(&bias, Some(Activation::Gelu)),
-                    Epilogue::BiasGeluBf16(&bias),
-                    Epilogue::Bias(&bias, Some(Activation::Relu)),
-                    Epilogue::Residual(residual.as_ptr()),
-                ];
-                for epilogue in epilogues {
+                for epilogue in epilogues(&bias, &residual) {
                     let mut got = vec![f32::NAN; m * n];
                     // SAFETY: the buffers hold the m x k operand and the m x n output the call
                     // describes.
                     unsafe { matmul(m, &segments, &w, got.as_mut_ptr(), n, epilogue) };
                     for (i, (&g, &p)) in got.iter().zip(want).enumerate() {
                         let c = i % n;
-                        let expect = match epilogue {
-                            Epilogue::Store => p,
-                            Epilogue::Bias(_, Some(Activation::Gelu))
-                            | Epilogue::BiasGeluBf16(_) => {
-                                let x = (p + bias[c]) as f64;
-                                (0.5 * x * (1.0 + libm_erf(x / std::f64::consts::SQRT_2))) as f32
-                            }
-                            Epilogue::Bias(_, _) => (p + bias[c]).max(0.0),
-                            Epilogue::Residual(_) => p + residual[i],
-                            Epilogue::ResidualBf16(_) => unreachable!(),
-                        };
+                        let expect = expected(epilogue, p.into(), i, &bias, &residual) as f32;
                         let approximate =
                             matches!(epilogue, Epilogue::BiasGeluBf16(_)) && kernels.has_avx512();
                         let tolerance =
@@ -609,13 +622,13 @@ mod tests {
         }
     }
 
-    /// erf by its Taylor series (|x| is small here).
-    fn libm_erf(x: f64) -> f64 {
-        let (mut sum, mut term) = (x, x);
-        for n in 1..200 {
-            term *= -x * x / n as f64;
-            sum += term / (2 * n + 1) as f64;
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
+    /// erf as its defining integral, 2 / sqrt(pi) times that of exp(-t^2) from 0 to x, by
+    /// Simpson's rule on steps of at most 0.01 (error below 1e-12 at any x).
+    pub(crate) fn libm_erf(x: f64) -> f64 {
+        let steps = ((x.abs() / 0.01).ceil() as usize).max(2).next_multiple_of(2);
+        let h = x / steps as f64;
+        let f = |i: usize| (-(i as f64 * h).powi(2)).exp();
+        let inner: f64 = (1..steps).map(|i| if i % 2 == 1 { 4.0 } else { 2.0 } * f(i)).sum();
+        (f(0) + inner + f(steps)) * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
     }
 }
