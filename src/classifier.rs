@@ -59,6 +59,10 @@ pub struct LoadOptions {
     /// ImageNet preprocessing).
     pub random_init: Option<Variant>,
     pub engine: Engine,
+    /// The fast-int8 engine's calibration images: image files anywhere under this folder
+    /// (`calibration_images` of them, evenly spaced in sorted order).
+    pub calibration: Option<PathBuf>,
+    pub calibration_images: usize,
 }
 
 impl Default for LoadOptions {
@@ -71,9 +75,50 @@ impl Default for LoadOptions {
             decode: DecodeMode::default(),
             random_init: None,
             engine: Engine::default(),
+            calibration: None,
+            calibration_images: DEFAULT_CALIBRATION_IMAGES,
         }
     }
 }
+
+/// `count` image files under `dir` (any depth), evenly spaced in sorted path order so that an
+/// ImageFolder's classes all take part, each prepared as the model's input when it is read.
+fn calibration_images<'a>(
+    dir: &Path,
+    count: usize,
+    preprocessor: &'a Preprocessor,
+) -> Result<impl Iterator<Item = Result<Tensor, ModelError>> + 'a, ModelError> {
+    let unreadable = |path: &Path, e: &dyn std::fmt::Display| {
+        ModelError::Config(format!("calibration image {}: {e}", path.display()))
+    };
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).map_err(|e| unreadable(&folder, &e))? {
+            let path = entry.map_err(|e| unreadable(&folder, &e))?.path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    if files.is_empty() || count == 0 {
+        return Err(ModelError::Config(format!(
+            "no calibration images: {} holds no files (or 0 were asked for)",
+            dir.display()
+        )));
+    }
+    let step = (files.len() / count).max(1);
+    Ok(files.into_iter().step_by(step).take(count).map(move |path| {
+        let bytes = std::fs::read(&path).map_err(|e| unreadable(&path, &e))?;
+        preprocessor.load(&bytes).map_err(|e| unreadable(&path, &e))
+    }))
+}
+
+/// How many images the fast-int8 engine is calibrated on by default.
+pub const DEFAULT_CALIBRATION_IMAGES: usize = 256;
 
 pub struct Classifier {
     model: FasterNet,
@@ -85,13 +130,24 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn load(options: &LoadOptions) -> Result<Self, ModelError> {
+        // The int8 engine is built once the preprocessing is known, from images it prepares;
+        // until then the weights wait in the reference engine, which packs nothing.
+        let int8 = options.engine == Engine::FastInt8;
+        let engine = if int8 { Engine::Reference } else { options.engine };
+        if int8 && options.calibration.is_none() {
+            return Err(ModelError::Config(
+                "the fast-int8 engine needs calibration images (--calibration DIR: images like \
+                 those it will classify)"
+                    .into(),
+            ));
+        }
         let (model, hub, source) = match options.random_init {
             // Random weights behave like a tagless ImageNet checkpoint named `.random`.
             Some(variant) => {
                 let config = FasterNetConfig::preset(variant, 1000);
                 let model = FasterNet::with_engine(
                     crate::model::FasterNetWeights::random(&config, 0)?,
-                    options.engine,
+                    engine,
                 )?;
                 let mut hub = crate::model::HubConfig::default();
                 hub.pretrained_cfg.tag = Some("random".into());
@@ -107,7 +163,7 @@ impl Classifier {
                 let num_classes_hint =
                     checkpoint.shape("classifier.weight").map(|s| s[0]).unwrap_or(1000);
                 let config = options.variant.map(|v| FasterNetConfig::preset(v, num_classes_hint));
-                (FasterNet::from_checkpoint(checkpoint, config, options.engine)?, hub, source)
+                (FasterNet::from_checkpoint(checkpoint, config, engine)?, hub, source)
             }
         };
         let bad_config = |reason: String| ModelError::checkpoint(&source, reason);
@@ -123,13 +179,16 @@ impl Classifier {
             Some(tag) => format!("{}.{tag}", model.config().architecture()),
             None => model.config().architecture(),
         };
-        Ok(Self::new(
-            model,
-            Preprocessor::new(preprocess, options.max_pixels).with_decode(options.decode),
-            labels,
-            name,
-            source,
-        ))
+        let preprocessor =
+            Preprocessor::new(preprocess, options.max_pixels).with_decode(options.decode);
+        let model = match &options.calibration {
+            Some(dir) if int8 => {
+                let images = calibration_images(dir, options.calibration_images, &preprocessor)?;
+                FasterNet::with_int8(model.into_weights(), images)?
+            }
+            _ => model,
+        };
+        Ok(Self::new(model, preprocessor, labels, name, source))
     }
 
     /// Serves the model under another name (what API answers name and the v2 routes match).

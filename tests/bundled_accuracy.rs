@@ -1,6 +1,7 @@
 //! The bundled model on the 10,000 Fashion-MNIST test images (Debian's dataset-fashion-mnist),
 //! exported to PNG like tools/export_fashion_mnist.py does, through `fasternet-serve eval`.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,35 +35,58 @@ fn bundled_model_reaches_its_accuracy_through_the_cli() {
         );
         return;
     }
-    let (dims, pixels) = read_idx(&images_path);
-    let (_, labels) = read_idx(&dir.join("t10k-labels-idx1-ubyte.gz"));
-    assert_eq!(dims, [10_000, 28, 28]);
-    let out = tempfile::tempdir().unwrap();
-    for class in 0..10 {
-        std::fs::create_dir(out.path().join(format!("{class}"))).unwrap();
-    }
-    for (i, (img, &label)) in pixels.chunks(28 * 28).zip(&labels).enumerate() {
-        let grey = image::GrayImage::from_raw(28, 28, img.to_vec()).unwrap();
-        grey.save(out.path().join(format!("{label}/{i:05}.png"))).unwrap();
-    }
-    let top1 = top1_through_eval(out.path(), "fast");
+    let out = export_png(&dir, "t10k", 10_000);
+    let top1 = top1_through_eval(out.path(), "fast", &[]);
     assert!(top1 >= 92.5, "top-1 {top1}% below 92.5%");
     assert!((top1 - PYTHON_TOP1).abs() <= 0.2, "top-1 {top1}% vs timm's {PYTHON_TOP1}%");
     // bf16 products cost some precision; on this test set they may cost at most 0.3 points.
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bf16") {
-        let bf16 = top1_through_eval(out.path(), "fast-bf16");
+        let bf16 = top1_through_eval(out.path(), "fast-bf16", &[]);
         assert!((bf16 - top1).abs() <= 0.3, "fast-bf16 top-1 {bf16}% vs fp32 {top1}%");
     } else {
         eprintln!("fast-bf16 not checked: this CPU has no AVX512-BF16");
     }
+    // So may int8 products, calibrated on 256 of the first 2,560 training images (never on
+    // the test images).
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+    {
+        let train = export_png(&dir, "train", 2_560);
+        let calibration = ["--calibration".as_ref(), train.path().as_os_str()];
+        let int8 = top1_through_eval(out.path(), "fast-int8", &calibration);
+        assert!((int8 - top1).abs() <= 0.3, "fast-int8 top-1 {int8}% vs fp32 {top1}%");
+    } else {
+        eprintln!("fast-int8 not checked: this CPU has no AVX512-VNNI or AVX512-BF16");
+    }
 }
 
-/// `fasternet-serve eval --engine ENGINE` on an ImageFolder of the 10,000 test images: top-1 %.
-fn top1_through_eval(data: &Path, engine: &str) -> f64 {
+/// The first `count` images of a Fashion-MNIST split (`t10k`, `train`) as PNG files in an
+/// ImageFolder (one folder per class, named by its index).
+fn export_png(dir: &Path, split: &str, count: usize) -> tempfile::TempDir {
+    let (dims, pixels) = read_idx(&dir.join(format!("{split}-images-idx3-ubyte.gz")));
+    let (_, labels) = read_idx(&dir.join(format!("{split}-labels-idx1-ubyte.gz")));
+    assert_eq!(dims[1..], [28, 28]);
+    let out = tempfile::tempdir().unwrap();
+    for class in 0..10 {
+        std::fs::create_dir(out.path().join(format!("{class}"))).unwrap();
+    }
+    for (i, (img, &label)) in pixels.chunks(28 * 28).zip(&labels).take(count).enumerate() {
+        let grey = image::GrayImage::from_raw(28, 28, img.to_vec()).unwrap();
+        grey.save(out.path().join(format!("{label}/{i:05}.png"))).unwrap();
+    }
+    out
+}
+
+/// `fasternet-serve eval --engine ENGINE ARGS` on an ImageFolder of the 10,000 test images:
+/// top-1 %.
+fn top1_through_eval(data: &Path, engine: &str, args: &[&OsStr]) -> f64 {
     let output = Command::new(env!("CARGO_BIN_EXE_fasternet-serve"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["eval", "--engine", engine, "--data"])
+        .args(["eval", "--engine", engine])
+        .args(args)
+        .arg("--data")
         .arg(data)
         .output()
         .unwrap();

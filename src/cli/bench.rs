@@ -13,6 +13,9 @@ use fasternet_serve::server::memory::{self, ProcessMemory};
 
 use super::{init_threads, progress};
 
+/// Images the fast-int8 engine is calibrated on here.
+const CALIBRATION_IMAGES: usize = 16;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[arg(long, env = "FASTERNET_VARIANT", default_value = "t0")]
@@ -31,7 +34,8 @@ pub struct BenchArgs {
     seconds: f64,
     #[arg(long, env = "FASTERNET_NUM_CLASSES", default_value_t = 1000)]
     num_classes: usize,
-    /// Forward-pass implementation: fast, fast-bf16 or reference.
+    /// Forward-pass implementation: fast, fast-bf16, fast-int8 (calibrated on random images,
+    /// as the weights are random) or reference.
     #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
     engine: Engine,
     /// Time preprocessing instead (decode, resize, crop, normalise to the `--size` input with
@@ -54,7 +58,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
         return preprocessing(&args, (h, w));
     }
     let config = FasterNetConfig::preset(args.variant, args.num_classes);
-    let model = FasterNet::with_engine(FasterNetWeights::random(&config, 0)?, args.engine)?;
+    let weights = FasterNetWeights::random(&config, 0)?;
+    let model = match args.engine {
+        // Random weights, so random images: only the speed is measured.
+        Engine::FastInt8 => {
+            let image = |_| Ok(Tensor::randn(0f32, 1.0, (3, h, w), &Device::Cpu)?);
+            FasterNet::with_int8(weights, (0..CALIBRATION_IMAGES).map(image))?
+        }
+        engine => FasterNet::with_engine(weights, engine)?,
+    };
     eprintln!(
         "{} random weights, {} engine ({}), {threads} threads, {:.2} GMACs/image",
         config.architecture(),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use fasternet_serve::classifier::LoadOptions;
+use fasternet_serve::classifier::{LoadOptions, DEFAULT_CALIBRATION_IMAGES};
 use fasternet_serve::model::{Engine, Variant};
 use fasternet_serve::preprocess::{DecodeMode, DEFAULT_MAX_PIXELS};
 
@@ -71,9 +71,16 @@ pub struct ModelArgs {
     /// For benchmarks: random weights of this variant (1000 classes) instead of a checkpoint.
     #[arg(long, env = "FASTERNET_RANDOM_INIT", value_name = "VARIANT")]
     pub random_init: Option<Variant>,
-    /// Forward-pass implementation: fast (NHWC CPU kernels), fast-bf16 (the same with bf16 products; AVX512-BF16 CPUs, on AMX tiles where present), auto (fast-bf16 where it is faster than fast: AMX, or AVX512-BF16 on AMD; fast elsewhere) or reference (stock candle ops).
+    /// Forward-pass implementation: fast (NHWC CPU kernels), fast-bf16 (the same with bf16 products; AVX512-BF16 CPUs, on AMX tiles where present), fast-int8 (fast-bf16 with the blocks' 1x1 convolutions in int8; AVX512-VNNI CPUs; needs --calibration), auto (fast-bf16 where it is faster than fast: AMX, or AVX512-BF16 on AMD; fast elsewhere) or reference (stock candle ops).
     #[arg(long, env = "FASTERNET_ENGINE", default_value = "fast")]
     pub engine: Engine,
+    /// With --engine fast-int8: a folder of images like those the model will classify (any
+    /// layout, e.g. an ImageFolder), to set the int8 quantisation's ranges from.
+    #[arg(long, env = "FASTERNET_CALIBRATION")]
+    pub calibration: Option<PathBuf>,
+    /// How many of the --calibration folder's images to use (evenly spaced in sorted order).
+    #[arg(long, env = "FASTERNET_CALIBRATION_IMAGES", default_value_t = DEFAULT_CALIBRATION_IMAGES)]
+    pub calibration_images: usize,
 }
 
 impl ModelArgs {
@@ -94,6 +101,8 @@ impl ModelArgs {
             decode: self.decode,
             random_init: self.random_init,
             engine: self.engine,
+            calibration: self.calibration.clone(),
+            calibration_images: self.calibration_images,
         }
     }
 }

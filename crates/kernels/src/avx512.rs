@@ -216,6 +216,26 @@ pub unsafe fn matmul_u8(
     }
 }
 
+/// k bf16 values at `src` quantised by `q` to u8 at `dst` (nearest, ties to even; clamped).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_bf16(src: *const u16, k: usize, q: crate::int8::QuantU8, dst: *mut u8) {
+    // SAFETY: the caller's pointers hold k values.
+    unsafe {
+        let inv = _mm512_set1_ps(1.0 / q.scale);
+        let zero = _mm512_set1_ps(f32::from(q.zero));
+        let mut i = 0;
+        while i < k {
+            let mask: __mmask16 = if k - i >= 16 { 0xffff } else { (1u16 << (k - i)) - 1 };
+            let bits = _mm256_maskz_loadu_epi16(mask, src.add(i).cast());
+            let x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+            let v = _mm512_cvtps_epi32(_mm512_fmadd_ps(x, inv, zero));
+            let v = _mm512_max_epi32(v, _mm512_setzero_si512());
+            _mm512_mask_cvtusepi32_storeu_epi8(dst.add(i).cast(), mask, v);
+            i += 16;
+        }
+    }
+}
+
 /// k floats at `src` to bf16 at `dst`, rounding to nearest even.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]

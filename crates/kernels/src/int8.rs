@@ -1,8 +1,7 @@
 //! Products on int8 operands: activations quantised per tensor to u8 (`QuantU8`), weights
 //! per output column to s8 (`WeightsI8`), summed in i32 (on AVX512-VNNI, `vpdpbusd`: four u8
 //! x s8 products per 32-bit lane and instruction, twice `vdpbf16ps`'s count), the sums turned
-//! back into real values at the start of the epilogue. The building block of an int8 engine;
-//! the fast engine does not use it yet.
+//! back into real values at the start of the epilogue: the products of the fast-int8 engine.
 //!
 //! With the input a = sa (qa - za) and column j's weights w = sw_j qw, a product's column j is
 //! sa sw_j (sum qa qw - za sum qw): per column one scale (sa sw_j) and one offset
@@ -28,9 +27,11 @@ impl QuantU8 {
         Self { scale, zero: (-min / scale).round_ties_even().clamp(0.0, 255.0) as u8 }
     }
 
-    /// The nearest step to `x` (ties to even), clamped to the range.
+    /// The nearest step to `x` (ties to even), clamped to the range: x / scale + zero, with
+    /// the division as a multiplication by 1 / scale fused with the addition, as the vector
+    /// code computes it.
     pub fn quantize(self, x: f32) -> u8 {
-        (x / self.scale + f32::from(self.zero)).round_ties_even().clamp(0.0, 255.0) as u8
+        x.mul_add(1.0 / self.scale, f32::from(self.zero)).round_ties_even().clamp(0.0, 255.0) as u8
     }
 }
 
@@ -141,6 +142,40 @@ pub unsafe fn matmul_u8(
     }
 }
 
+/// `rows` rows of `k` bf16 values (row stride `stride`) quantised by `q` (`QuantU8::quantize`)
+/// into u8 rows at `dst` (row stride `dst_stride`): a product's left operand.
+///
+/// # Safety
+/// The pointers cover the rows.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn quantize_bf16_rows(
+    kernels: Kernels,
+    src: *const u16,
+    stride: usize,
+    rows: usize,
+    k: usize,
+    q: QuantU8,
+    dst: *mut u8,
+    dst_stride: usize,
+) {
+    // SAFETY: the caller upholds this function's contract; the vector code runs only with the
+    // int8 kernels, which `Kernels` holds only where the CPU has them.
+    unsafe {
+        for r in 0..rows {
+            let (src, dst) = (src.add(r * stride), dst.add(r * dst_stride));
+            match kernels.isa() {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni => crate::avx512::quantize_bf16(src, k, q, dst),
+                _ => {
+                    for i in 0..k {
+                        *dst.add(i) = q.quantize(f32::from_bits(u32::from(*src.add(i)) << 16));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn portable(
     m: usize,
@@ -193,6 +228,36 @@ unsafe fn portable(
 mod tests {
     use super::*;
     use crate::gemm::tests::{epilogues, expected, uniform, SHAPES};
+
+    /// bf16 rows of every length up to 40 (whole vectors of 16 and masked tails), values past
+    /// both ends of the range and halfway between steps, on every int8 kernel set: what
+    /// `QuantU8::quantize` gives each value, and nothing written past a row.
+    #[test]
+    fn quantised_rows_match_the_scalar_quantisation() {
+        let q = QuantU8::covering(-1.5, 3.0);
+        let mut values: Vec<f32> = (0..200).map(|i| i as f32 * 0.03 - 2.5).collect();
+        values.extend((0..50).map(|i| q.scale * (i as f32 + 0.5 - f32::from(q.zero))));
+        let bf16s: Vec<u16> = values.iter().map(|&v| bf16(v)).collect();
+        for kernels in Kernels::all_int8() {
+            for k in 1..=40 {
+                let (rows, stride, dst_stride) = (bf16s.len() / 48, 48, k + 3);
+                let mut got = vec![0xeeu8; rows * dst_stride];
+                // SAFETY: `bf16s` holds `rows` rows of stride 48 >= k, `got` of dst_stride.
+                unsafe {
+                    let (src, dst) = (bf16s.as_ptr(), got.as_mut_ptr());
+                    quantize_bf16_rows(kernels, src, stride, rows, k, q, dst, dst_stride);
+                }
+                for r in 0..rows {
+                    let want = (0..k).map(|i| {
+                        q.quantize(f32::from_bits(u32::from(bf16s[r * stride + i]) << 16))
+                    });
+                    let row = &got[r * dst_stride..][..dst_stride];
+                    assert!(row[..k].iter().copied().eq(want), "{kernels:?} k={k} row {r}");
+                    assert_eq!(row[k..], [0xee; 3], "{kernels:?} k={k} row {r}: past the row");
+                }
+            }
+        }
+    }
 
     #[test]
     fn quantisation_spans_the_range_and_keeps_zero_exact() {

@@ -8,8 +8,8 @@
 //! - `avx512.rs`: the AVX-512 microkernel, on fp32 or AVX512-BF16 operands.
 //! - `avx2.rs`: the same design on AVX2 and FMA, fp32 only.
 //! - `amx.rs`: the same products on AMX tiles.
-//! - [`WeightsI8`], [`matmul_u8`], [`QuantU8`] (`int8.rs`): products on u8 activations and s8
-//!   weights (AVX512-VNNI), for an int8 engine.
+//! - [`WeightsI8`], [`matmul_u8`], [`QuantU8`], [`quantize_bf16_rows`] (`int8.rs`): products
+//!   on u8 activations and s8 weights (AVX512-VNNI), and their operands' quantisation.
 //! - [`Winograd`] (`winograd.rs`): the 3x3 convolution by F(2x2, 3x3).
 //! - `loops.rs`: the portable path's epilogue, the erf approximation, patch gathering.
 //! - [`blocking`]: the sizes work is cut by, together.
@@ -39,7 +39,7 @@ pub use cpu::{Isa, Kernels};
 pub use gemm::{
     matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Dst, Epilogue, Segment, SegmentBf16, Weights,
 };
-pub use int8::{matmul_u8, QuantU8, WeightsI8};
+pub use int8::{matmul_u8, quantize_bf16_rows, QuantU8, WeightsI8};
 pub use loops::im2col;
 pub use winograd::Winograd;
 

@@ -6,14 +6,14 @@ use std::ops::Range;
 use fasternet_kernels::blocking::{gathers_patches, min_rows_for, HEAD_PART_COLUMNS};
 use fasternet_kernels::winograd::{self, Winograd};
 use fasternet_kernels::{
-    grow, matmul, matmul_bf16, matmul_to_bf16, to_bf16_rows, Activation, Dst, Epilogue, Segment,
-    SegmentBf16, Weights,
+    grow, matmul, matmul_bf16, matmul_to_bf16, matmul_u8, quantize_bf16_rows, to_bf16_rows,
+    Activation, Dst, Epilogue, Segment, SegmentBf16, Weights,
 };
 
 use super::direct_conv::{
     partial_conv_direct, partial_conv_gathered, rows_bf16, ConvInput, RowsBf16,
 };
-use super::pack::{Block, ColumnParts, Dense};
+use super::pack::{Block, ColumnParts, Dense, Int8Block};
 use super::profile::Layer;
 use super::schedule::{
     for_each_tile, tiles, Buffers, Out, SharedDst, Workers, HIDDEN_BF16, PATCHES_BF16, SCRATCH,
@@ -56,6 +56,8 @@ trait MapElement: Copy + Default + Sync {
 thread_local! {
     /// The stem's fp32 results for one product, before they are rounded into a bf16 map.
     static STEM_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The int8 engine's u8 operand of one product: a tile's rows quantised.
+    static QUANTIZED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl MapElement for f32 {
@@ -463,7 +465,8 @@ impl FastEngine {
 
 /// One tile (global image rows `g`) of a block on bf16 maps: the partial convolution into a
 /// bf16 scratch tile, fc1 on it and x's untouched channels into the bf16 hidden tile, fc2 plus
-/// x into `out`.
+/// x into `out`; fc1 and fc2 in int8 where the block has int8 weights, and while the int8
+/// engine calibrates, the ranges of their inputs recorded.
 ///
 /// # Safety
 /// `out` holds the tile's rows of `b.dim` values, aliasing neither x nor the scratch.
@@ -495,13 +498,73 @@ unsafe fn block_tile_bf16(
             let hidden = grow(hidden, n * b.hidden);
             let (ptr, stride, k) = (hidden.as_mut_ptr(), b.hidden, b.hidden);
             let residual = Epilogue::ResidualBf16(x[at..].as_ptr());
+            let hidden_segment = [SegmentBf16 { ptr, stride, k }];
             // SAFETY: the scratch tiles hold the tile's n rows; the caller's `out` too.
             unsafe {
+                if let Some(int8) = &b.int8 {
+                    return block_products_int8(
+                        int8,
+                        n,
+                        &spatial_mixing,
+                        hidden,
+                        out,
+                        [fc1_epilogue, residual],
+                    );
+                }
                 matmul_bf16(n, &spatial_mixing, &b.fc1, Dst::Bf16(ptr), stride, fc1_epilogue);
-                matmul_bf16(n, &[SegmentBf16 { ptr, stride, k }], &b.fc2, out, dim, residual);
+                matmul_bf16(n, &hidden_segment, &b.fc2, out, dim, residual);
+            }
+            if let Some(seen) = &b.seen {
+                let values = |s: SegmentBf16| {
+                    (0..n).flat_map(move |r| {
+                        // SAFETY: the segments cover the tile's n rows.
+                        let row =
+                            unsafe { std::slice::from_raw_parts(s.ptr.add(r * s.stride), s.k) };
+                        row.iter().map(|&v| f32::from_bits(u32::from(v) << 16))
+                    })
+                };
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                seen[0] = seen[0].widened(spatial_mixing.into_iter().flat_map(values));
+                seen[1] = seen[1].widened(hidden_segment.into_iter().flat_map(values));
             }
         });
     });
+}
+
+/// fc1 and fc2 of a tile of `n` rows in int8: `spatial_mixing` quantised into one u8 operand,
+/// fc1 into the bf16 `hidden` tile, that quantised, fc2 into `out`; `epilogues`: fc1's, fc2's.
+///
+/// # Safety
+/// As `block_tile_bf16`'s products: the segments and `hidden` cover n rows, `out` too.
+unsafe fn block_products_int8(
+    b: &Int8Block,
+    n: usize,
+    spatial_mixing: &[SegmentBf16],
+    hidden: &mut [u16],
+    out: Dst,
+    [fc1_epilogue, residual]: [Epilogue; 2],
+) {
+    QUANTIZED.with_borrow_mut(|quantized| {
+        let (kp1, kp2) = (b.fc1.padded_k(), b.fc2.padded_k());
+        let quantized = grow(quantized, n * kp1.max(kp2));
+        let q = quantized.as_mut_ptr();
+        let (width, dim) = (b.fc2.k, b.fc2.n);
+        // SAFETY: `quantized` holds n rows of kp1 and of kp2 values, `hidden` n rows of
+        // `width`; the int8 engine exists only where the CPU has int8 kernels.
+        unsafe {
+            let mut k0 = 0;
+            for s in spatial_mixing {
+                quantize_bf16_rows(b.kernels, s.ptr, s.stride, n, s.k, b.input, q.add(k0), kp1);
+                k0 += s.k;
+            }
+            let a = [Segment { ptr: q.cast_const(), stride: kp1, k: kp1 }];
+            let h = hidden.as_mut_ptr();
+            matmul_u8(n, &a, &b.fc1, Dst::Bf16(h), width, fc1_epilogue);
+            quantize_bf16_rows(b.kernels, h, width, n, width, b.hidden, q, kp2);
+            let a = [Segment { ptr: q.cast_const(), stride: kp2, k: kp2 }];
+            matmul_u8(n, &a, &b.fc2, out, dim, residual);
+        }
+    })
 }
 
 /// `out` = `a` @ `d` + bias, then `act`: each part of `d`'s columns one task of `workers`.

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 use fasternet_kernels::blocking::HEAD_PART_COLUMNS;
 use fasternet_kernels::winograd::{self, Winograd};
-use fasternet_kernels::{Isa, Kernels, Weights};
+use fasternet_kernels::{Isa, Kernels, QuantU8, Weights, WeightsI8};
 
 use super::{FastEngine, LayerProfile};
 use crate::model::weights::{BlockWeights, FasterNetWeights, FoldedConv};
@@ -59,6 +59,51 @@ pub(super) struct Block {
     pub(super) fc1_bias: Vec<f32>,
     /// hidden x dim
     pub(super) fc2: Weights,
+    /// fc1 and fc2 in int8 (`FastEngine::new_int8`), which then replace `fc1` and `fc2`.
+    pub(super) int8: Option<Int8Block>,
+    /// While the int8 engine calibrates: the ranges seen of fc1's and fc2's inputs.
+    pub(super) seen: Option<Mutex<[Range; 2]>>,
+}
+
+/// The smallest and largest value seen of a tensor.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Range(pub(super) f32, pub(super) f32);
+
+impl Range {
+    pub(super) const EMPTY: Self = Self(f32::INFINITY, f32::NEG_INFINITY);
+
+    pub(super) fn widened(self, values: impl Iterator<Item = f32>) -> Self {
+        values.fold(self, |Self(lo, hi), v| Self(lo.min(v), hi.max(v)))
+    }
+}
+
+/// A block's fc1 and fc2 on int8 operands, each input quantised per tensor to the range the
+/// calibration saw of it, the weights per output channel.
+pub(super) struct Int8Block {
+    pub(super) fc1: WeightsI8,
+    pub(super) fc2: WeightsI8,
+    /// fc1's input: the partial convolution's output and the untouched channels.
+    pub(super) input: QuantU8,
+    /// fc2's input: the hidden activations.
+    pub(super) hidden: QuantU8,
+    /// The int8 kernels, which quantise the inputs too.
+    pub(super) kernels: Kernels,
+}
+
+impl Int8Block {
+    pub(super) fn new(
+        b: &BlockWeights,
+        [input, hidden]: [Range; 2],
+        kernels: Kernels,
+    ) -> Result<Self, ModelError> {
+        let (input, hidden) =
+            (QuantU8::covering(input.0, input.1), QuantU8::covering(hidden.0, hidden.1));
+        let (k, n, fc1) = transposed(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?)?;
+        let fc1 = WeightsI8::new(k, n, &fc1, input, kernels);
+        let (k, n, fc2) = transposed(&b.fc2)?;
+        let fc2 = WeightsI8::new(k, n, &fc2, hidden, kernels);
+        Ok(Self { fc1, fc2, input, hidden, kernels })
+    }
 }
 
 pub(super) struct Stage {
@@ -78,9 +123,15 @@ fn conv_nhwc_matrix(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError>
 
 /// (out, in, ...) -> (in x out).
 fn transpose(w: &Tensor, kernels: Kernels) -> Result<Weights, ModelError> {
+    let (k, n, row_major) = transposed(w)?;
+    Ok(Weights::new(k, n, row_major, kernels))
+}
+
+/// (out, in, ...) -> (k = in, n = out, the (k x n) matrix row-major).
+fn transposed(w: &Tensor) -> Result<(usize, usize, Vec<f32>), ModelError> {
     let w = w.flatten_from(1)?;
     let (n, k) = w.dims2()?;
-    Ok(Weights::new(k, n, to_vec(&w.t()?.contiguous()?)?, kernels))
+    Ok((k, n, to_vec(&w.t()?.contiguous()?)?))
 }
 
 impl FastEngine {
@@ -113,6 +164,8 @@ impl FastEngine {
                 fc1: transpose(&Tensor::cat(&[&b.fc1_mixed, &b.fc1_untouched], 1)?, kernels)?,
                 fc1_bias: to_vec(&b.fc1_bias)?,
                 fc2: transpose(&b.fc2, kernels)?,
+                int8: None,
+                seen: None,
             })
         };
         let stages: Vec<Stage> = w
