@@ -221,18 +221,27 @@ pub unsafe fn matmul_u8(
 pub unsafe fn quantize_bf16(src: *const u16, k: usize, q: crate::int8::QuantU8, dst: *mut u8) {
     // SAFETY: the caller's pointers hold k values.
     unsafe {
-        let inv = _mm512_set1_ps(1.0 / q.scale);
-        let zero = _mm512_set1_ps(f32::from(q.zero));
         let mut i = 0;
         while i < k {
             let mask: __mmask16 = if k - i >= 16 { 0xffff } else { (1u16 << (k - i)) - 1 };
             let bits = _mm256_maskz_loadu_epi16(mask, src.add(i).cast());
             let x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-            let v = _mm512_cvtps_epi32(_mm512_fmadd_ps(x, inv, zero));
-            let v = _mm512_max_epi32(v, _mm512_setzero_si512());
-            _mm512_mask_cvtusepi32_storeu_epi8(dst.add(i).cast(), mask, v);
+            store_u8(dst.add(i), mask, x, q);
             i += 16;
         }
+    }
+}
+
+/// The `mask`ed lanes of `v` quantised by `q` (as `QuantU8::quantize`) at `dst`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn store_u8(dst: *mut u8, mask: __mmask16, v: __m512, q: crate::int8::QuantU8) {
+    // SAFETY: the caller's dst holds the masked lanes.
+    unsafe {
+        let inv = _mm512_set1_ps(1.0 / q.scale);
+        let steps = _mm512_fmadd_ps(v, inv, _mm512_set1_ps(q.zero.into()));
+        let v = _mm512_max_epi32(_mm512_cvtps_epi32(steps), _mm512_setzero_si512());
+        _mm512_mask_cvtusepi32_storeu_epi8(dst.cast(), mask, v);
     }
 }
 
@@ -361,7 +370,7 @@ macro_rules! store {
     }};
 }
 
-/// `store!` into the tile's fp32 or bf16 destination.
+/// `store!` into the tile's fp32, bf16 or u8 destination.
 macro_rules! store_to_dst {
     ($sums:expr, $t:expr, $epilogue:expr, $nv:expr) => {
         match $t.dst {
@@ -373,6 +382,14 @@ macro_rules! store_to_dst {
                     dst.add(at),
                     mask,
                     out
+                ))
+            }
+            Dst::U8(dst, q) => {
+                store!($sums, $t, $epilogue, $nv, |at, mask, out| store_u8(
+                    dst.add(at),
+                    mask,
+                    out,
+                    q
                 ))
             }
         }
@@ -427,6 +444,7 @@ pub unsafe fn finish(
         match dst.add(row * dst_rs + col) {
             Dst::F32(p) => _mm512_mask_storeu_ps(p, mask, out),
             Dst::Bf16(p) => store_bf16(p, mask, out),
+            Dst::U8(p, q) => store_u8(p, mask, out, q),
         }
     }
 }
@@ -451,6 +469,7 @@ unsafe fn prefetch_epilogue<const R: usize, const NV: usize>(t: &Tile, epilogue:
         let (dst, bytes) = match t.dst {
             Dst::F32(p) => (p as *const i8, 4),
             Dst::Bf16(p) => (p as *const i8, 2),
+            Dst::U8(p, _) => (p as *const i8, 1),
         };
         let residual = match *epilogue {
             Epilogue::Residual(res) => Some((res as *const i8, 4)),

@@ -17,6 +17,7 @@
 //! for the rest, so the mixed tensor is never assembled.
 
 use crate::cpu::{Isa, Kernels};
+use crate::int8::QuantU8;
 use crate::loops;
 use crate::Activation;
 #[cfg(target_arch = "x86_64")]
@@ -63,12 +64,14 @@ impl<T> Segment<T> {
 /// A `Segment` of a left operand already in bf16 (`to_bf16_rows`); `k` must be even.
 pub type SegmentBf16 = Segment<u16>;
 
-/// Where a bf16 product's results go (`matmul_bf16`): fp32 rows, or bf16 rows (rounded to
-/// nearest even) for an output whose readers are other bf16 products.
+/// Where a bf16 or int8 product's results go (`matmul_bf16`, `matmul_u8`): fp32 rows, bf16
+/// rows (rounded to nearest even) for an output whose readers are other bf16 products, or u8
+/// rows quantised for an int8 product (AVX-512 kernels only).
 #[derive(Clone, Copy)]
 pub enum Dst {
     F32(*mut f32),
     Bf16(*mut u16),
+    U8(*mut u8, QuantU8),
 }
 
 impl Dst {
@@ -82,6 +85,7 @@ impl Dst {
             match self {
                 Dst::F32(p) => Dst::F32(p.add(offset)),
                 Dst::Bf16(p) => Dst::Bf16(p.add(offset)),
+                Dst::U8(p, q) => Dst::U8(p.add(offset), q),
             }
         }
     }

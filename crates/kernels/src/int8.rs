@@ -219,6 +219,9 @@ unsafe fn portable(
             match dst.add(r * dst_rs) {
                 Dst::F32(p) => std::ptr::copy_nonoverlapping(row.as_ptr(), p, n),
                 Dst::Bf16(p) => row.iter().enumerate().for_each(|(j, &v)| *p.add(j) = bf16(v)),
+                Dst::U8(p, q) => {
+                    row.iter().enumerate().for_each(|(j, &v)| *p.add(j) = q.quantize(v))
+                }
             }
         }
     }
@@ -277,13 +280,14 @@ mod tests {
     }
 
     /// Every row count 1..=12 and panel shape (16, 32, 48 columns, masked ones), k that are and
-    /// are not multiples of 4, one and two segments, every epilogue, fp32 and bf16 results, on
-    /// each int8 kernel set this CPU runs: the real product of the quantised operands, to
-    /// fp32's rounding (GELU: the epilogue's own tolerance).
+    /// are not multiples of 4, one and two segments, every epilogue, fp32, bf16 and u8 results,
+    /// on each int8 kernel set this CPU runs: the real product of the quantised operands, to
+    /// fp32's rounding (GELU: the epilogue's own tolerance); bf16 and u8 results are the fp32
+    /// ones rounded and quantised.
     #[test]
     fn matches_the_product_of_the_quantised_operands() {
         let mut next = uniform(0x9e37_79b9_7f4a_7c15);
-        let input = QuantU8::covering(-0.6, 2.0);
+        let (input, output) = (QuantU8::covering(-0.6, 2.0), QuantU8::covering(-1.0, 2.5));
         for (m, k, n) in SHAPES.into_iter().chain([(3, 256, 20)]) {
             let kp = k.next_multiple_of(4);
             // The padding past k holds any values: they meet zero weights.
@@ -321,11 +325,13 @@ mod tests {
                 {
                     let mut got = vec![f32::NAN; m * n];
                     let mut got_bf16 = vec![0u16; m * n];
+                    let mut got_u8 = vec![0u8; m * n];
                     // SAFETY: the buffers hold the m x kp operand and the m x n outputs the
                     // calls describe.
                     unsafe {
                         matmul_u8(m, a, &w, Dst::F32(got.as_mut_ptr()), n, epilogue);
                         matmul_u8(m, a, &w, Dst::Bf16(got_bf16.as_mut_ptr()), n, epilogue);
+                        matmul_u8(m, a, &w, Dst::U8(got_u8.as_mut_ptr(), output), n, epilogue);
                     }
                     for (i, (&g, &p)) in got.iter().zip(&exact).enumerate() {
                         let c = i % n;
@@ -343,6 +349,11 @@ mod tests {
                             got_bf16[i],
                             bf16(g),
                             "{shape}: the bf16 result rounds the fp32 one"
+                        );
+                        assert_eq!(
+                            got_u8[i],
+                            output.quantize(g),
+                            "{shape}: the u8 result quantises the fp32 one"
                         );
                     }
                 }

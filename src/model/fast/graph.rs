@@ -85,6 +85,7 @@ impl MapElement for f32 {
                         to_bf16_rows(row.as_ptr(), w.n, 1, w.n, dst.add(r * dst_rs));
                     }
                 }),
+                Dst::U8(..) => unreachable!("maps are fp32 or bf16"),
             }
         }
     }
@@ -494,23 +495,19 @@ unsafe fn block_tile_bf16(
             SegmentBf16 { ptr: mixed.as_ptr(), stride: cp, k: cp },
             SegmentBf16 { ptr: x[at + cp..].as_ptr(), stride: dim, k: dim - cp },
         ];
+        let residual = Epilogue::ResidualBf16(x[at..].as_ptr());
+        if let Some(int8) = &b.int8 {
+            // SAFETY: the segments cover the tile's n rows; the caller's `out` too.
+            return unsafe {
+                block_products_int8(int8, n, &spatial_mixing, out, [fc1_epilogue, residual])
+            };
+        }
         HIDDEN_BF16.with_borrow_mut(|hidden| {
             let hidden = grow(hidden, n * b.hidden);
             let (ptr, stride, k) = (hidden.as_mut_ptr(), b.hidden, b.hidden);
-            let residual = Epilogue::ResidualBf16(x[at..].as_ptr());
             let hidden_segment = [SegmentBf16 { ptr, stride, k }];
             // SAFETY: the scratch tiles hold the tile's n rows; the caller's `out` too.
             unsafe {
-                if let Some(int8) = &b.int8 {
-                    return block_products_int8(
-                        int8,
-                        n,
-                        &spatial_mixing,
-                        hidden,
-                        out,
-                        [fc1_epilogue, residual],
-                    );
-                }
                 matmul_bf16(n, &spatial_mixing, &b.fc1, Dst::Bf16(ptr), stride, fc1_epilogue);
                 matmul_bf16(n, &hidden_segment, &b.fc2, out, dim, residual);
             }
@@ -532,37 +529,35 @@ unsafe fn block_tile_bf16(
 }
 
 /// fc1 and fc2 of a tile of `n` rows in int8: `spatial_mixing` quantised into one u8 operand,
-/// fc1 into the bf16 `hidden` tile, that quantised, fc2 into `out`; `epilogues`: fc1's, fc2's.
+/// fc1 into the u8 hidden tile (quantised in its epilogue), fc2 into `out`; `epilogues`:
+/// fc1's, fc2's.
 ///
 /// # Safety
-/// As `block_tile_bf16`'s products: the segments and `hidden` cover n rows, `out` too.
+/// As `block_tile_bf16`'s products: the segments cover n rows, `out` too.
 unsafe fn block_products_int8(
     b: &Int8Block,
     n: usize,
     spatial_mixing: &[SegmentBf16],
-    hidden: &mut [u16],
     out: Dst,
     [fc1_epilogue, residual]: [Epilogue; 2],
 ) {
     QUANTIZED.with_borrow_mut(|quantized| {
         let (kp1, kp2) = (b.fc1.padded_k(), b.fc2.padded_k());
-        let quantized = grow(quantized, n * kp1.max(kp2));
-        let q = quantized.as_mut_ptr();
-        let (width, dim) = (b.fc2.k, b.fc2.n);
-        // SAFETY: `quantized` holds n rows of kp1 and of kp2 values, `hidden` n rows of
-        // `width`; the int8 engine exists only where the CPU has int8 kernels.
+        let (input, hidden) = grow(quantized, n * (kp1 + kp2)).split_at_mut(n * kp1);
+        let (input, hidden) = (input.as_mut_ptr(), hidden.as_mut_ptr());
+        // SAFETY: `input` holds n rows of kp1 values, `hidden` n rows of kp2; the int8 engine
+        // exists only where the CPU has int8 kernels.
         unsafe {
             let mut k0 = 0;
             for s in spatial_mixing {
-                quantize_bf16_rows(b.kernels, s.ptr, s.stride, n, s.k, b.input, q.add(k0), kp1);
+                let (ptr, stride, k) = (s.ptr, s.stride, s.k);
+                quantize_bf16_rows(b.kernels, ptr, stride, n, k, b.input, input.add(k0), kp1);
                 k0 += s.k;
             }
-            let a = [Segment { ptr: q.cast_const(), stride: kp1, k: kp1 }];
-            let h = hidden.as_mut_ptr();
-            matmul_u8(n, &a, &b.fc1, Dst::Bf16(h), width, fc1_epilogue);
-            quantize_bf16_rows(b.kernels, h, width, n, width, b.hidden, q, kp2);
-            let a = [Segment { ptr: q.cast_const(), stride: kp2, k: kp2 }];
-            matmul_u8(n, &a, &b.fc2, out, dim, residual);
+            let a = [Segment { ptr: input.cast_const(), stride: kp1, k: kp1 }];
+            matmul_u8(n, &a, &b.fc1, Dst::U8(hidden, b.hidden), kp2, fc1_epilogue);
+            let a = [Segment { ptr: hidden.cast_const(), stride: kp2, k: kp2 }];
+            matmul_u8(n, &a, &b.fc2, out, b.fc2.n, residual);
         }
     })
 }
