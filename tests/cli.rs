@@ -108,6 +108,30 @@ fn classify_with_a_checkpoint_of_another_architecture_fails_with_one_clear_line(
     );
 }
 
+/// The int8 engine's calibration images: missing, or a folder without files, stop the command
+/// before any image is classified, with a message naming the flag or the folder (on any CPU:
+/// these are checked before the engine is built).
+#[test]
+fn fast_int8_without_usable_calibration_images_fails_with_one_clear_line() {
+    let image = "tests/fixtures/preprocess/inputs/chelsea.png";
+    let empty = tempfile::tempdir().unwrap();
+    let empty = empty.path().to_str().unwrap();
+    for (args, expect) in [
+        (vec![], "needs calibration images (--calibration DIR"),
+        (
+            vec!["--calibration", "/nonexistent-calibration"],
+            "calibration image /nonexistent-calibration",
+        ),
+        (vec!["--calibration", empty], "no calibration images"),
+    ] {
+        let out = run(&[&["classify", "--engine", "fast-int8"][..], &args, &[image]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.starts_with("error: cannot load model from"), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn classify_reads_official_pth_checkpoints() {
     let out = run(&[

@@ -48,7 +48,7 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 #[cfg(target_arch = "x86_64")]
 pub use fasternet_kernels::amx_available;
-use fasternet_kernels::{Activation, Kernels};
+use fasternet_kernels::{Activation, Kernels, Weights};
 
 use super::weights::FasterNetWeights;
 use super::{ModelError, ModelOutput};
@@ -144,6 +144,9 @@ impl FastEngine {
             let seen = b.seen.take().expect("set above");
             let seen = seen.into_inner().unwrap_or_else(|e| e.into_inner());
             b.int8 = Some(Int8Block::new(bw, seen, kernels)?);
+            // The int8 products replace the bf16 ones, whose panels (T2: 30 MB) go.
+            b.fc1 = Weights::new(0, 0, Vec::new(), kernels);
+            b.fc2 = Weights::new(0, 0, Vec::new(), kernels);
         }
         Ok(engine)
     }

@@ -59,7 +59,8 @@ pub(super) struct Block {
     pub(super) fc1_bias: Vec<f32>,
     /// hidden x dim
     pub(super) fc2: Weights,
-    /// fc1 and fc2 in int8 (`FastEngine::new_int8`), which then replace `fc1` and `fc2`.
+    /// fc1 and fc2 in int8 (`FastEngine::new_int8`), which then replace `fc1` and `fc2` (left
+    /// empty).
     pub(super) int8: Option<Int8Block>,
     /// While the int8 engine calibrates: the ranges seen of fc1's and fc2's inputs.
     pub(super) seen: Option<Mutex<[Range; 2]>>,
